@@ -1,0 +1,168 @@
+"""``sidemesh sidecar``: wires the pieces together and runs them on uvloop.
+
+Start order: route book and DNS resolver, listeners (outbound, inbound, admin), then the
+discovery stream. Shutdown order (uvicorn's): stop accepting, let in-flight exchanges
+drain for ``drain_s``, close what is left, cancel the stream, close pools and resolver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import uvloop
+from aiohttp import web
+
+from dnsfallback import ServiceResolver
+from sidecar.backoff import BackoffPolicy, ExpBackoff
+from sidecar.balancer import EndpointHealth, ResolvedRoute
+from sidecar.config import SidecarConfig, parse_config
+from sidecar.discovery import DiscoveryClient, Identity, StreamSettings
+from sidecar.metrics import SidecarMetrics, make_registry
+from sidecar.model import Endpoint, Policy, Source
+from sidecar.proxy import INBOUND, OUTBOUND, DownstreamConnection, ProxyContext
+from sidecar.routing import RouteBook
+from sidecar.upstream import UpstreamPool
+
+log = logging.getLogger("sidemesh.sidecar")
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig, *, resolver: ServiceResolver | None = None) -> None:
+        self.config = config
+        self.resolver = resolver or ServiceResolver(config.dns)
+        self.health = EndpointHealth(eject_s=config.eject_s)
+        self.book = RouteBook(
+            resolver=self.resolver,
+            dns_port=config.dns.port,
+            health=self.health,
+            settle_timeout_s=config.initial_fetch_timeout_s + 1.0,
+        )
+        self.metrics = SidecarMetrics()
+        self.pool = UpstreamPool(connect_timeout_s=config.connect_timeout_s)
+        self.registry = make_registry(self.metrics, self.book, self.pool, service=config.service, instance=config.instance)
+        self.outbound = ProxyContext(OUTBOUND, pool=self.pool, metrics=self.metrics, book=self.book)
+        app_ep = Endpoint(config.app[0], config.app[1], "app")
+        app_route = ResolvedRoute("app", (app_ep,), Source.CONTROLPLANE, self.health, Policy(timeout_s=config.app_timeout_s, retries=1))
+        self.inbound = ProxyContext(INBOUND, pool=self.pool, metrics=self.metrics, app_route=app_route)
+        self.discovery = DiscoveryClient(
+            config.controlplane,
+            Identity(config.instance, config.service, config.address, config.inbound_port),
+            self.book,
+            backoff=ExpBackoff(BackoffPolicy()),
+            settings=StreamSettings(initial_fetch_timeout_s=config.initial_fetch_timeout_s),
+        )
+        self._servers: list[asyncio.AbstractServer] = []
+        self._admin: web.AppRunner | None = None
+        self._discovery_task: asyncio.Task[None] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "service": c.service,
+            "instance": c.instance,
+            "address": c.address,
+            "admin_port": c.admin_port,
+            "ports": {"outbound": c.outbound_port, "inbound": c.inbound_port, "admin": c.admin_port},
+            "controlplane": {
+                "target": c.controlplane,
+                "connected": self.discovery.connected,
+                "last_error": self.discovery.last_error,
+                "attempts": self.discovery.attempts,
+            },
+            "counters": {
+                "inbound": self.metrics.total(INBOUND),
+                "outbound": self.metrics.total(OUTBOUND),
+                "retries": self.metrics.retries,
+            },
+            "pool": self.pool.stats(),
+        }
+
+    async def start(self) -> None:
+        c = self.config
+        loop = asyncio.get_running_loop()
+        listeners = [
+            (self.outbound, c.outbound_listen, c.outbound_port),
+            (self.inbound, c.listen, c.inbound_port),
+            *((self.inbound, host, port) for host, port in c.extra_inbound),
+        ]
+        for ctx, host, port in listeners:
+            server = await loop.create_server(lambda ctx=ctx: DownstreamConnection(ctx), host, port, backlog=2048, reuse_address=True)
+            self._servers.append(server)
+        self._admin = web.AppRunner(build_admin_app_for(self), access_log=None, handle_signals=False)
+        await self._admin.setup()
+        await web.TCPSite(self._admin, c.listen, c.admin_port, reuse_address=True).start()
+        self._discovery_task = asyncio.create_task(self.discovery.run(), name="discovery")
+        log.info(
+            "event=sidecar_started service=%s instance=%s address=%s outbound=%s:%d inbound=%s:%d admin=%s:%d "
+            "app=%s:%d controlplane=%s dns_template=%s dns_servers=%s",
+            c.service, c.instance, c.address, c.outbound_listen, c.outbound_port, c.listen, c.inbound_port,
+            c.listen, c.admin_port, c.app[0], c.app[1], c.controlplane, c.dns.template,
+            ",".join(f"{h}:{p}" for h, p in c.dns.nameservers) or "system",
+        )
+
+    async def stop(self, drain_s: float = 5.0) -> None:
+        for server in self._servers:
+            server.close()
+        deadline = asyncio.get_running_loop().time() + drain_s
+        for ctx in (self.outbound, self.inbound):
+            for conn in list(ctx.connections):
+                if conn.active is None:
+                    conn.close()
+        while any(conn.active is not None for ctx in (self.outbound, self.inbound) for conn in ctx.connections):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        for ctx in (self.outbound, self.inbound):
+            for conn in list(ctx.connections):
+                conn.abort()
+            for task in list(ctx.tasks):
+                task.cancel()
+        if self._discovery_task is not None:
+            self._discovery_task.cancel()
+            try:
+                await self._discovery_task
+            except asyncio.CancelledError:
+                pass
+        if self._admin is not None:
+            await self._admin.cleanup()
+        await self.pool.close()
+        await self.resolver.close()
+        log.info("event=sidecar_stopped instance=%s", self.config.instance)
+
+
+def build_admin_app_for(sidecar: Sidecar) -> web.Application:
+    from sidecar.admin import build_admin_app
+
+    return build_admin_app(sidecar.book, sidecar.registry, sidecar.describe)
+
+
+async def serve(config: SidecarConfig) -> int:
+    sidecar = Sidecar(config)
+    try:
+        await sidecar.start()
+    except OSError as exc:
+        log.error("event=sidecar_bind_failed reason=%r", str(exc))
+        await sidecar.stop(drain_s=0)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("event=sidecar_stopping instance=%s", config.instance)
+    await sidecar.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s level=%(levelname)s component=sidecar instance={config.instance} %(message)s",
+    )
+    return uvloop.run(serve(config))

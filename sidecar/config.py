@@ -1,0 +1,179 @@
+"""Sidecar configuration: parsed once from flags (or SIDEMESH_* environment variables) into
+a frozen dataclass that every component receives explicitly."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from dnsfallback import DnsConfig
+
+ENV_SERVICE = "SIDEMESH_SERVICE"
+ENV_INSTANCE = "SIDEMESH_INSTANCE"
+ENV_ADDRESS = "SIDEMESH_ADDRESS"
+ENV_LISTEN = "SIDEMESH_LISTEN"
+ENV_OUTBOUND_LISTEN = "SIDEMESH_OUTBOUND_LISTEN"
+ENV_APP = "SIDEMESH_APP"
+ENV_CONTROLPLANE = "SIDEMESH_CONTROLPLANE"
+ENV_DNS_SERVER = "SIDEMESH_DNS_SERVER"
+ENV_DNS_TEMPLATE = "SIDEMESH_DNS_TEMPLATE"
+ENV_LOG_LEVEL = "SIDEMESH_LOG_LEVEL"
+
+DEFAULT_OUTBOUND_PORT = 15001
+DEFAULT_INBOUND_PORT = 15006
+DEFAULT_ADMIN_PORT = 15000
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    service: str
+    instance: str
+    address: str  # advertised to the control plane: where other sidecars reach our inbound port
+    listen: str  # inbound + admin bind address
+    outbound_listen: str
+    outbound_port: int
+    inbound_port: int
+    admin_port: int
+    app: tuple[str, int]
+    controlplane: str  # host:port
+    dns: DnsConfig
+    extra_inbound: tuple[tuple[str, int], ...]
+    initial_fetch_timeout_s: float
+    connect_timeout_s: float
+    app_timeout_s: float
+    eject_s: float
+    log_level: str
+
+
+def _hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+        return text, default_port
+    if not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    try:
+        p = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port in {text!r} is not a number") from None
+    if not 1 <= p <= 65535:
+        raise argparse.ArgumentTypeError(f"port in {text!r} is out of range 1-65535")
+    return host.strip("[]"), p
+
+
+def _port(text: str) -> int:
+    try:
+        p = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= p <= 65535:
+        raise argparse.ArgumentTypeError(f"port {p} is out of range 1-65535")
+    return p
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sidemesh sidecar",
+        description=(
+            "Run one sidecar proxy beside an app. The app sends its outbound HTTP through the outbound "
+            "listener (set HTTP_PROXY=http://127.0.0.1:15001 and call http://SERVICE/...); other sidecars "
+            "reach the app through the inbound listener. Routes come from the control plane's discovery "
+            "stream; when it is lost the sidecar resolves services through DNS and keeps the last-known-good "
+            "endpoints, then returns to the control plane when it is back."
+        ),
+    )
+    p.add_argument("--service", default=env.get(ENV_SERVICE), help=f"name of the service this sidecar fronts (required; ${ENV_SERVICE})")
+    p.add_argument("--instance", default=env.get(ENV_INSTANCE), help=f"unique id of this instance, e.g. artist-2 (default: SERVICE-HOSTNAME; ${ENV_INSTANCE})")
+    p.add_argument("--address", default=env.get(ENV_ADDRESS), help=f"IP other sidecars use to reach this one (default: --listen if specific, else this host's address; ${ENV_ADDRESS})")
+    p.add_argument("--listen", default=env.get(ENV_LISTEN, "0.0.0.0"), help=f"bind address of the inbound and admin listeners (default 0.0.0.0; ${ENV_LISTEN})")
+    p.add_argument("--outbound-listen", default=env.get(ENV_OUTBOUND_LISTEN, "127.0.0.1"), help=f"bind address of the outbound listener, the app's egress (default 127.0.0.1; ${ENV_OUTBOUND_LISTEN})")
+    p.add_argument("--outbound-port", type=_port, default=DEFAULT_OUTBOUND_PORT, help="outbound listener port (default 15001)")
+    p.add_argument("--inbound-port", type=_port, default=DEFAULT_INBOUND_PORT, help="inbound listener port, advertised to the mesh (default 15006)")
+    p.add_argument("--admin-port", type=_port, default=DEFAULT_ADMIN_PORT, help="admin API port: /ready, /state, /metrics (default 15000)")
+    p.add_argument("--app", type=_hostport, default=env.get(ENV_APP, "127.0.0.1:8080"), help=f"where the local app listens (default 127.0.0.1:8080; ${ENV_APP})")
+    p.add_argument("--app-timeout", type=_positive, default=30.0, help="seconds to wait for the app's response head (default 30)")
+    p.add_argument("--controlplane", default=env.get(ENV_CONTROLPLANE, "controlplane:15010"), help=f"control plane gRPC address HOST:PORT (default controlplane:15010; ${ENV_CONTROLPLANE})")
+    p.add_argument("--dns-server", action="append", type=lambda s: _hostport(s, default_port=53), default=None,
+                   help=f"DNS server HOST[:PORT] for the fallback, repeatable (default: /etc/resolv.conf; ${ENV_DNS_SERVER}, comma-separated)")
+    p.add_argument("--dns-template", default=env.get(ENV_DNS_TEMPLATE, "{service}"), help=f"DNS name of a service, e.g. '{{service}}.mesh.local' (default '{{service}}'; ${ENV_DNS_TEMPLATE})")
+    p.add_argument("--dns-timeout", type=_positive, default=1.0, help="seconds per DNS lookup (default 1)")
+    p.add_argument("--extra-inbound", action="append", type=_hostport, default=[], help="another HOST:PORT to serve inbound traffic on, repeatable (sidemesh up publishes song on 127.0.0.1:8080 this way)")
+    p.add_argument("--initial-fetch-timeout", type=_positive, default=2.0, help="seconds to wait for the first snapshot before serving through DNS (default 2)")
+    p.add_argument("--connect-timeout", type=_positive, default=1.0, help="seconds to connect to an upstream endpoint (default 1)")
+    p.add_argument("--eject", type=_positive, default=3.0, help="seconds an endpoint that refused a connection is skipped (default 3)")
+    p.add_argument("--log-level", default=env.get(ENV_LOG_LEVEL, "info"), choices=["debug", "info", "warning", "error"], help="log level (default info)")
+    return p
+
+
+def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> SidecarConfig:
+    """Parse flags once; exits with status 2 and a clear message on bad input."""
+    env = os.environ if env is None else env
+    parser = build_parser(env)
+    a = parser.parse_args(list(argv))
+    if not a.service:
+        parser.error("--service is required (or set SIDEMESH_SERVICE)")
+    if "{service}" not in a.dns_template:
+        parser.error("--dns-template must contain {service}")
+    for name in ("listen", "outbound_listen"):
+        try:
+            ipaddress.ip_address(getattr(a, name))
+        except ValueError:
+            parser.error(f"--{name.replace('_', '-')} must be an IP address, got {getattr(a, name)!r}")
+    dns_servers = a.dns_server
+    if dns_servers is None and env.get(ENV_DNS_SERVER):
+        dns_servers = [_hostport(s.strip(), default_port=53) for s in env[ENV_DNS_SERVER].split(",") if s.strip()]
+    address = a.address or _default_address(a.listen)
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        parser.error(f"--address must be an IP address, got {address!r}")
+    host = socket.gethostname()
+    return SidecarConfig(
+        service=a.service,
+        instance=a.instance or f"{a.service}-{host}",
+        address=address,
+        listen=a.listen,
+        outbound_listen=a.outbound_listen,
+        outbound_port=a.outbound_port,
+        inbound_port=a.inbound_port,
+        admin_port=a.admin_port,
+        app=a.app,
+        controlplane=a.controlplane,
+        dns=DnsConfig(
+            nameservers=tuple(dns_servers or ()),
+            template=a.dns_template,
+            port=a.inbound_port,
+            timeout_s=a.dns_timeout,
+        ),
+        extra_inbound=tuple(a.extra_inbound),
+        initial_fetch_timeout_s=a.initial_fetch_timeout,
+        connect_timeout_s=a.connect_timeout,
+        app_timeout_s=a.app_timeout,
+        eject_s=a.eject,
+        log_level=a.log_level,
+    )
+
+
+def _default_address(listen: str) -> str:
+    """The advertised address when none is given. Runs at startup, before the event loop."""
+    if listen not in ("0.0.0.0", "::"):
+        return listen
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

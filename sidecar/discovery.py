@@ -1,0 +1,170 @@
+"""The discovery stream client: one bidirectional gRPC stream to the control plane.
+
+It sends the Hello (our registration; the open stream is our lease), applies every
+Snapshot through the route book (the ``Subscription``), ACKs or NACKs it, and when the
+stream fails, closes, or its keepalive times out, tells the route book (which switches to
+DNS) and reconnects with jittered exponential backoff. grpc errors are converted to
+``ControlPlaneUnavailable`` here, at the boundary.
+
+Liveness: gRPC keepalive pings every ``keepalive_s`` and gives up ``keepalive_timeout_s``
+later, so a control plane that stops answering without closing (SIGSTOP, a partition) is
+noticed in a few seconds. Each attempt uses a fresh channel so our own backoff, not
+grpc's channel-level reconnect backoff (which grows to minutes), decides when we retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+from meshpb.v1 import discovery_pb2_grpc
+
+from sidecar import convert
+from sidecar.backoff import ExpBackoff
+from sidecar.errors import ControlPlaneUnavailable, SnapshotRejected
+from sidecar.model import RouteTable
+
+log = logging.getLogger("sidemesh.sidecar.discovery")
+
+
+class Subscription(Protocol):
+    def on_config_update(self, table: RouteTable) -> None: ...
+    def on_config_update_failed(self, exc: SnapshotRejected) -> None: ...
+    def on_stream_lost(self, reason: str) -> None: ...
+    def on_initial_fetch_timeout(self, timeout_s: float) -> None: ...
+    def last_version(self) -> str: ...
+    def known_instances(self) -> tuple[str, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    node_id: str
+    service: str
+    address: str
+    port: int
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    initial_fetch_timeout_s: float = 2.0
+    first_message_timeout_s: float = 5.0
+    keepalive_s: float = 1.0
+    keepalive_timeout_s: float = 1.5
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # bounds how long connecting to a hung peer may take before the call fails
+            ("grpc.min_reconnect_backoff_ms", 2000),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.enable_retries", 0),
+        ]
+
+
+class DiscoveryClient:
+    def __init__(
+        self,
+        target: str,
+        identity: Identity,
+        subscription: Subscription,
+        *,
+        backoff: ExpBackoff,
+        settings: StreamSettings = StreamSettings(),
+        channel_factory: Callable[..., grpc.aio.Channel] = grpc.aio.insecure_channel,
+    ) -> None:
+        self.target = target
+        self.identity = identity
+        self.sub = subscription
+        self.backoff = backoff
+        self.settings = settings
+        self._channel_factory = channel_factory
+        self.connected = False
+        self.last_error: str | None = None
+        self.attempts = 0
+
+    async def run(self) -> None:
+        """Run until cancelled: stream, and on loss reconnect with backoff."""
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(
+            self.settings.initial_fetch_timeout_s, self.sub.on_initial_fetch_timeout, self.settings.initial_fetch_timeout_s
+        )
+        try:
+            while True:
+                try:
+                    await self._stream_once()
+                except ControlPlaneUnavailable as exc:
+                    reason = str(exc)
+                self.connected = False
+                self.last_error = reason
+                self.sub.on_stream_lost(reason)
+                delay = self.backoff.next_delay()
+                level = logging.WARNING if self.backoff.persistent and self.backoff.failures % 20 == 5 else logging.DEBUG
+                log.log(level, "event=controlplane_retry target=%s in_s=%.3f failures=%d reason=%r",
+                        self.target, delay, self.backoff.failures, reason)
+                await asyncio.sleep(delay)
+        finally:
+            timer.cancel()
+
+    async def _stream_once(self) -> None:
+        self.attempts += 1
+        channel = self._channel_factory(self.target, options=self.settings.channel_options())
+        try:
+            stub = discovery_pb2_grpc.DiscoveryStub(channel)
+            call = stub.Stream()
+            ident = self.identity
+            await call.write(
+                convert.hello(
+                    node_id=ident.node_id,
+                    service=ident.service,
+                    address=ident.address,
+                    port=ident.port,
+                    labels=dict(ident.labels),
+                    last_version=self.sub.last_version(),
+                    known_instances=self.sub.known_instances(),
+                )
+            )
+            first = True
+            while True:
+                if first:
+                    try:
+                        msg = await asyncio.wait_for(call.read(), self.settings.first_message_timeout_s)
+                    except TimeoutError:
+                        call.cancel()
+                        raise ControlPlaneUnavailable(
+                            f"no snapshot within {self.settings.first_message_timeout_s:g}s of connecting"
+                        ) from None
+                    first = False
+                else:
+                    msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    raise ControlPlaneUnavailable("stream closed by the control plane")
+                self.backoff.reset()
+                if not self.connected:
+                    self.connected = True
+                    log.info("event=controlplane_connected target=%s", self.target)
+                await call.write(self._apply(msg))
+        except grpc.aio.AioRpcError as exc:
+            raise ControlPlaneUnavailable(f"{exc.code().name}: {exc.details()}") from exc
+        except (grpc.aio.UsageError, grpc.RpcError) as exc:
+            raise ControlPlaneUnavailable(f"stream error: {exc}") from exc
+        finally:
+            await channel.close(grace=None)
+
+    def _apply(self, msg: convert.Snapshot) -> convert.DiscoveryRequest:
+        try:
+            table = convert.table_from_snapshot(msg)
+            self.sub.on_config_update(table)
+        except SnapshotRejected as exc:
+            self.sub.on_config_update_failed(exc)
+            return convert.nack(msg.version, msg.nonce, exc.reason)
+        return convert.ack(msg.version, msg.nonce)

@@ -1,0 +1,102 @@
+"""Errors of the sidecar, each carrying the HTTP status a client sees.
+
+Hierarchy::
+
+    SidecarError (status 500)
+    ├── BadRequest (400)            the app sent something we cannot route (no host, malformed target)
+    ├── NoRoute (503)               nothing to send the request to
+    │   ├── UnknownService (503)    the control plane's table has no such service
+    │   └── NoEndpoints (503)       neither the control plane nor DNS gave endpoints; keeps both causes
+    ├── UpstreamError (502)         the chosen endpoint failed
+    │   ├── UpstreamConnectError    could not connect (refused, unreachable, connect timeout)
+    │   └── UpstreamReset           the connection died before a whole response head arrived
+    └── UpstreamTimeout (504)       no response head within the route's timeout
+    ControlPlaneError               the discovery stream (not an HTTP error)
+    ├── ControlPlaneUnavailable     stream failed, closed or timed out (wraps grpc.aio.AioRpcError)
+    └── SnapshotRejected            a snapshot failed validation or a guard; NACKed, never applied
+
+Foreign exceptions (OSError, grpc.aio.AioRpcError, DNS errors) are converted where they enter,
+with ``raise X from exc`` so the cause is kept.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class SidecarError(Exception):
+    status = 500
+
+    def __init__(self, message: str, *, service: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.service = service
+
+    def to_json(self) -> bytes:
+        body: dict[str, object] = {"error": self.message, "status": self.status}
+        if self.service is not None:
+            body["service"] = self.service
+        body.update(self.details())
+        return json.dumps(body).encode()
+
+    def details(self) -> dict[str, object]:
+        return {}
+
+
+class BadRequest(SidecarError):
+    status = 400
+
+
+class NoRoute(SidecarError):
+    status = 503
+
+
+class UnknownService(NoRoute):
+    def __init__(self, service: str) -> None:
+        super().__init__(f"unknown service {service!r}: the mesh has no route for it", service=service)
+
+
+class NoEndpoints(NoRoute):
+    """Neither source had endpoints; both causes are kept (like linkerd's ResolveError)."""
+
+    def __init__(self, service: str, *, controlplane_cause: str, dns_cause: str) -> None:
+        super().__init__(
+            f"no endpoints for {service!r}: control plane: {controlplane_cause}; DNS: {dns_cause}",
+            service=service,
+        )
+        self.controlplane_cause = controlplane_cause
+        self.dns_cause = dns_cause
+
+    def details(self) -> dict[str, object]:
+        return {"controlplane": self.controlplane_cause, "dns": self.dns_cause}
+
+
+class UpstreamError(SidecarError):
+    status = 502
+
+
+class UpstreamConnectError(UpstreamError):
+    pass
+
+
+class UpstreamReset(UpstreamError):
+    pass
+
+
+class UpstreamTimeout(SidecarError):
+    status = 504
+
+
+class ControlPlaneError(Exception):
+    pass
+
+
+class ControlPlaneUnavailable(ControlPlaneError):
+    pass
+
+
+class SnapshotRejected(ControlPlaneError):
+    def __init__(self, version: str, reason: str) -> None:
+        super().__init__(f"snapshot {version or '<no version>'} rejected: {reason}")
+        self.version = version
+        self.reason = reason

@@ -1,0 +1,241 @@
+"""Upstream connections and their pool.
+
+``UpstreamConnection`` is an asyncio Protocol parsing responses with httptools; it hands
+every event to the exchange currently attached to it. ``UpstreamPool`` keeps idle
+keep-alive connections per endpoint (LIFO, so the warm ones are reused), closes ones idle
+too long, and opens new ones with a connect timeout, converting OSError into
+``UpstreamConnectError`` at this boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from sidecar.errors import UpstreamConnectError
+
+if TYPE_CHECKING:
+    from sidecar.proxy import Exchange
+
+Key = tuple[str, int]
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "pool", "key", "transport", "parser", "exchange", "closed", "idle_since",
+        "_status_reason", "_headers", "_head_only",
+    )
+
+    def __init__(self, pool: UpstreamPool, key: Key) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._status_reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_only = False
+
+    # ----- asyncio.Protocol -----
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            # an idle keep-alive connection must not talk; drop it
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.parser = httptools.HttpResponseParser(self)
+            self.close()
+            ex.on_upstream_garbage(f"malformed response from upstream: {exc}")
+            return
+        if self._head_only:
+            # a response to HEAD has no body whatever its Content-Length says; llhttp cannot
+            # know that, so start a fresh parser for the next response on this connection
+            self._head_only = False
+            self.parser = httptools.HttpResponseParser(self)
+            if self.exchange is not None:
+                self.exchange.on_response_complete()
+        if self.exchange is not None:
+            self.exchange.flush()
+        elif ex is not None:
+            ex.flush()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            try:
+                self.parser.feed_eof()  # completes a close-delimited body
+            except httptools.HttpParserError:
+                pass
+            if ex.upstream is self:
+                ex.on_upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.pause_downstream_reading()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.resume_downstream_reading()
+
+    # ----- httptools callbacks -----
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._status_reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._status_reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        if ex is None:
+            return
+        status = self.parser.get_status_code()
+        head_only = ex.on_response_head(status, self._status_reason, self._headers, self.parser.should_keep_alive())
+        if head_only:
+            self._head_only = True
+
+    def on_body(self, body: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.exchange
+        if ex is not None and not self._head_only:
+            ex.on_response_complete()
+
+    # ----- helpers -----
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per endpoint."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float = 1.0,
+        idle_timeout_s: float = 30.0,
+        max_idle_per_endpoint: int = 256,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_idle = max_idle_per_endpoint
+        self._loop = loop
+        self.idle: dict[Key, list[UpstreamConnection]] = {}
+        self.connects = 0
+        self.connect_failures = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def take_idle(self, key: Key) -> UpstreamConnection | None:
+        conns = self.idle.get(key)
+        while conns:
+            conn = conns.pop()
+            if conn.usable:
+                return conn
+        return None
+
+    async def connect(self, key: Key) -> UpstreamConnection:
+        loop = self._loop or asyncio.get_running_loop()
+        self.connects += 1
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self, key), key[0], key[1]),
+                self.connect_timeout_s,
+            )
+        except (OSError, TimeoutError) as exc:
+            self.connect_failures += 1
+            what = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            raise UpstreamConnectError(f"cannot connect to {key[0]}:{key[1]}: {what}") from exc
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        conn.exchange = None
+        if not conn.usable:
+            return
+        conns = self.idle.setdefault(conn.key, [])
+        if len(conns) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        conns.append(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep())
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        conns = self.idle.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.idle_timeout_s / 4))
+            cutoff = time.monotonic() - self.idle_timeout_s
+            for key, conns in list(self.idle.items()):
+                for conn in [c for c in conns if c.idle_since < cutoff]:
+                    conns.remove(conn)
+                    conn.close()
+                if not conns:
+                    del self.idle[key]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "idle": sum(len(c) for c in self.idle.values()),
+            "connects": self.connects,
+            "connect_failures": self.connect_failures,
+        }
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                pass
+            self._sweeper = None
+        for conns in self.idle.values():
+            for conn in conns:
+                conn.close()
+        self.idle.clear()
