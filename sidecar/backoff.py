@@ -16,7 +16,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class BackoffPolicy:
     base_s: float = 0.05
-    cap_s: float = 1.0
+    cap_s: float = 0.5
     multiplier: float = 2.0
 
     def __post_init__(self) -> None:

@@ -61,8 +61,14 @@ class StreamSettings:
         return [
             ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            # newer gRPC cores time keepalive pings out with this (default 60 s), not the above
+            ("grpc.http2.ping_timeout_ms", int(self.keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            # without this, pings after the first are throttled to one per 5 minutes while the
+            # control plane sends no data (it only pushes on change), and a frozen peer goes unnoticed
+            ("grpc.http2.min_time_between_pings_ms", int(self.keepalive_s * 1000)),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_s * 1000)),
             # bounds how long connecting to a hung peer may take before the call fails
             ("grpc.min_reconnect_backoff_ms", 2000),
             ("grpc.initial_reconnect_backoff_ms", 100),

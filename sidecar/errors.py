@@ -6,7 +6,8 @@ Hierarchy::
     ├── BadRequest (400)            the app sent something we cannot route (no host, malformed target)
     ├── NoRoute (503)               nothing to send the request to
     │   ├── UnknownService (503)    the control plane's table has no such service
-    │   └── NoEndpoints (503)       neither the control plane nor DNS gave endpoints; keeps both causes
+    │   ├── NoEndpoints (503)       neither the control plane nor DNS gave endpoints; keeps both causes
+    │   └── AppUnavailable (503)    inbound: the local app refuses connections (the caller retries elsewhere)
     ├── UpstreamError (502)         the chosen endpoint failed
     │   ├── UpstreamConnectError    could not connect (refused, unreachable, connect timeout)
     │   └── UpstreamReset           the connection died before a whole response head arrived
@@ -69,6 +70,10 @@ class NoEndpoints(NoRoute):
 
     def details(self) -> dict[str, object]:
         return {"controlplane": self.controlplane_cause, "dns": self.dns_cause}
+
+
+class AppUnavailable(NoRoute):
+    """The inbound side: our own app refuses connections (stopping, or not started yet)."""
 
 
 class UpstreamError(SidecarError):

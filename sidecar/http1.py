@@ -24,6 +24,11 @@ HOP_BY_HOP = frozenset(
     }
 )
 ROUTE_HEADER = b"x-sidemesh-route"
+# An inbound sidecar whose app refuses connections answers 503 with this header; the calling
+# sidecar treats it like a connect failure and retries elsewhere (a pod whose app stopped
+# first, or has not started yet, must not fail calls that another replica can serve).
+ERROR_HEADER = b"x-sidemesh-error"
+APP_UNAVAILABLE = b"app-unavailable"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -83,12 +88,13 @@ def filter_headers(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = 
     return lines, framing, close
 
 
-def error_response(status: int, body: bytes, *, route: bytes, close: bool) -> bytes:
+def error_response(status: int, body: bytes, *, route: bytes, close: bool, extra: bytes = b"") -> bytes:
     head = [
         b"HTTP/1.1 %d %s\r\n" % (status, reason(status)),
         b"content-type: application/json\r\n",
         b"content-length: %d\r\n" % len(body),
         b"x-sidemesh-route: %s\r\n" % route,
+        extra,
     ]
     if close:
         head.append(b"connection: close\r\n")

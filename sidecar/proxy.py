@@ -34,6 +34,7 @@ import httptools
 from sidecar import http1
 from sidecar.balancer import ResolvedRoute
 from sidecar.errors import (
+    AppUnavailable,
     BadRequest,
     SidecarError,
     UpstreamConnectError,
@@ -268,7 +269,7 @@ class Exchange:
         "down", "ctx", "method", "target", "service", "headers", "keep_alive", "http10",
         "req_lines", "req_framing", "req_done", "req_pending", "req_pending_size", "replay",
         "route", "endpoint", "upstream", "attempts", "reused", "sent_any",
-        "response_started", "resp_framing_out", "resp_done", "resp_status",
+        "response_started", "resp_framing_out", "resp_done", "resp_status", "resp_until_close", "far_retry",
         "timer", "out", "finished", "head_request", "_down_paused",
     )
 
@@ -306,6 +307,8 @@ class Exchange:
         self.resp_framing_out = Framing.NONE
         self.resp_done = False
         self.resp_status = 0
+        self.resp_until_close = False
+        self.far_retry = False
         self.timer: asyncio.TimerHandle | None = None
         self.out: list[bytes] = []
         self.finished = False
@@ -466,6 +469,10 @@ class Exchange:
             if status != 101:
                 self.out.append(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason or http1.reason(status)))
             return False
+        if status == 503 and self.ctx.direction == OUTBOUND and self._far_app_unavailable(headers) and self._can_retry():
+            # the far sidecar's app is down: read this answer to its end, then retry elsewhere
+            self.far_retry = True
+            return False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -480,6 +487,7 @@ class Exchange:
             if not any(name.lower() == http1.ROUTE_HEADER for name, _ in headers):
                 lines.append(b"x-sidemesh-route: inbound\r\n")
         no_body = self.head_request or status in (204, 304)
+        self.resp_until_close = framing == Framing.NONE and not no_body
         out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or http1.reason(status)), *lines]
         if no_body:
             self.resp_framing_out = Framing.NONE
@@ -501,6 +509,8 @@ class Exchange:
         return self.head_request
 
     def on_response_body(self, body: bytes) -> None:
+        if self.far_retry:
+            return
         if self.resp_framing_out == Framing.CHUNKED:
             self.out.append(http1.chunk(body))
         elif self.resp_framing_out != Framing.NONE:
@@ -509,6 +519,19 @@ class Exchange:
             self.flush()
 
     def on_response_complete(self) -> None:
+        if self.far_retry:
+            self.far_retry = False
+            conn = self.upstream
+            self.upstream = None
+            if conn is not None:
+                self._release(conn, reusable=self.req_done)
+            if self.endpoint is not None and self.ctx.book is not None:
+                self.ctx.book.health.eject(self.endpoint.key)
+            log.info("event=far_app_unavailable service=%s endpoint=%s retrying=true", self.service, self._where())
+            self._retry_or_fail(UpstreamConnectError(f"{self._where()}: its app is unavailable", service=self.service),
+                                retry_allowed=True)
+            self.flush()
+            return
         if not self.response_started:
             return  # end of an interim (1xx) response
         if self.resp_framing_out == Framing.CHUNKED:
@@ -527,7 +550,13 @@ class Exchange:
             self.ctx.book.health.finished(conn_key)
         if self.finished:
             return
-        if not self.response_started:
+        if self.response_started and self.resp_until_close and exc is None:
+            # a response without Content-Length or chunking ends when the connection does
+            self.resp_done = True
+            if self.resp_framing_out == Framing.CHUNKED:
+                self.out.append(http1.LAST_CHUNK)
+            self._finish()
+        elif not self.response_started:
             what = f"{exc}" if exc else "closed"
             err = UpstreamReset(
                 f"upstream {self._where()} closed the connection before a response ({what})", service=self.service or None
@@ -557,18 +586,24 @@ class Exchange:
 
     # ----- completion and failure -----
 
-    def _retry_or_fail(self, err: SidecarError, *, retry_allowed: bool) -> None:
+    def _can_retry(self) -> bool:
         route = self.route
-        can_retry = (
-            retry_allowed
-            and route is not None
+        return (
+            route is not None
             and not self.response_started
             and self.replay is not None
             and (self.req_done or not self.sent_any)
             and self.attempts < _MAX_ATTEMPTS
             and (self.attempts <= route.policy.retries or (self.reused and self.attempts == 1))
         )
-        if can_retry:
+
+    @staticmethod
+    def _far_app_unavailable(headers: list[tuple[bytes, bytes]]) -> bool:
+        return any(n.lower() == http1.ERROR_HEADER and v == http1.APP_UNAVAILABLE for n, v in headers)
+
+    def _retry_or_fail(self, err: SidecarError, *, retry_allowed: bool) -> None:
+        route = self.route
+        if retry_allowed and self._can_retry():
             assert route is not None
             self.ctx.metrics.retries += 1
             failed = self.endpoint
@@ -593,13 +628,17 @@ class Exchange:
             self._count(err.status)
             self.down.abort()
             return
+        extra = b""
+        if self.ctx.direction == INBOUND and isinstance(err, UpstreamConnectError):
+            err = AppUnavailable(f"the local app is not accepting connections ({err.message})")
+            extra = b"%s: %s\r\n" % (http1.ERROR_HEADER, http1.APP_UNAVAILABLE)
         log.info("event=request_failed direction=%s service=%s status=%d reason=%r",
                  self.ctx.direction, self.service or "app", err.status, err.message)
         self.response_started = True
         self.resp_status = err.status
         close = not self.keep_alive or not self.req_done and self.req_framing != Framing.NONE and self.http10
         route = self._route_value() if self.route else b"error"
-        self.out.append(http1.error_response(err.status, err.to_json(), route=route, close=close))
+        self.out.append(http1.error_response(err.status, err.to_json(), route=route, close=close, extra=extra))
         self.keep_alive = self.keep_alive and not close
         self._finish()
 

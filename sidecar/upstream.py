@@ -80,10 +80,6 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.exchange
         if ex is not None:
             self.exchange = None
-            try:
-                self.parser.feed_eof()  # completes a close-delimited body
-            except httptools.HttpParserError:
-                pass
             if ex.upstream is self:
                 ex.on_upstream_lost(exc)
 
