@@ -1,0 +1,29 @@
+"""DNS fallback: resolve mesh service names through plain DNS, independent of the control plane.
+
+Imports nothing of ours, so it keeps working when everything else is gone.
+The sidecar builds on exactly this API::
+
+    resolver = ServiceResolver(DnsConfig(nameservers=(("127.10.0.3", 15053),), template="{service}.mesh.local"))
+    answer = await resolver.resolve("artist")      # DnsAnswer; raises DnsLookupError
+    resolver.watch(["artist", "image"])            # keep them fresh in the background
+    resolver.peek("artist")                        # CachedLookup | None, no I/O
+    await resolver.close()
+"""
+
+from dnsfallback.backend import DnspythonBackend, LookupBackend, LookupResult
+from dnsfallback.cache import CachedLookup, DnsAnswer
+from dnsfallback.config import DnsConfig, parse_nameserver
+from dnsfallback.errors import DnsLookupError
+from dnsfallback.resolver import ServiceResolver
+
+__all__ = [
+    "CachedLookup",
+    "DnsAnswer",
+    "DnsConfig",
+    "DnsLookupError",
+    "DnspythonBackend",
+    "LookupBackend",
+    "LookupResult",
+    "ServiceResolver",
+    "parse_nameserver",
+]

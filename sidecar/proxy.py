@@ -270,7 +270,7 @@ class Exchange:
         "req_lines", "req_framing", "req_done", "req_pending", "req_pending_size", "replay",
         "route", "endpoint", "upstream", "attempts", "reused", "sent_any",
         "response_started", "resp_framing_out", "resp_done", "resp_status", "resp_until_close", "far_retry",
-        "timer", "out", "finished", "head_request", "_down_paused",
+        "timer", "out", "finished", "head_request", "_down_paused", "_up_paused",
     )
 
     def __init__(
@@ -313,7 +313,8 @@ class Exchange:
         self.out: list[bytes] = []
         self.finished = False
         self.head_request = method == b"HEAD"
-        self._down_paused = False
+        self._down_paused = False  # we stopped reading the client: too much body buffered
+        self._up_paused = False  # we stopped reading the client: the upstream's write buffer is full
 
     # ----- request side -----
 
@@ -402,7 +403,7 @@ class Exchange:
             self.ctx.book.health.eject(endpoint.key) if self.ctx.book is not None else None
             log.info("event=upstream_connect_failed service=%s endpoint=%s:%d reason=%r",
                      self.service or "app", endpoint.address, endpoint.port, exc.message)
-            self._retry_or_fail(exc, retry_allowed=True)
+            self._retry_or_fail(exc, retry_allowed=True, nothing_processed=True)
             self.flush()
             return
         if self.finished:
@@ -469,7 +470,8 @@ class Exchange:
             if status != 101:
                 self.out.append(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason or http1.reason(status)))
             return False
-        if status == 503 and self.ctx.direction == OUTBOUND and self._far_app_unavailable(headers) and self._can_retry():
+        if (status == 503 and self.ctx.direction == OUTBOUND and self._far_app_unavailable(headers)
+                and self._can_retry(nothing_processed=True)):
             # the far sidecar's app is down: read this answer to its end, then retry elsewhere
             self.far_retry = True
             return False
@@ -529,7 +531,7 @@ class Exchange:
                 self.ctx.book.health.eject(self.endpoint.key)
             log.info("event=far_app_unavailable service=%s endpoint=%s retrying=true", self.service, self._where())
             self._retry_or_fail(UpstreamConnectError(f"{self._where()}: its app is unavailable", service=self.service),
-                                retry_allowed=True)
+                                retry_allowed=True, nothing_processed=True)
             self.flush()
             return
         if not self.response_started:
@@ -586,28 +588,36 @@ class Exchange:
 
     # ----- completion and failure -----
 
-    def _can_retry(self) -> bool:
+    def _can_retry(self, *, nothing_processed: bool = False) -> bool:
         route = self.route
-        return (
-            route is not None
-            and not self.response_started
-            and self.replay is not None
-            and (self.req_done or not self.sent_any)
-            and self.attempts < _MAX_ATTEMPTS
-            and (self.attempts <= route.policy.retries or (self.reused and self.attempts == 1))
-        )
+        if (
+            route is None
+            or self.response_started
+            or self.replay is None
+            or not (self.req_done or not self.sent_any)
+            or self.attempts >= _MAX_ATTEMPTS
+        ):
+            return False
+        if self.attempts <= route.policy.retries:
+            return True
+        if nothing_processed and self.attempts < len(route.endpoints):
+            # a refused connection (or a far app that is down) processed nothing: trying each
+            # endpoint once is safe, and is what keeps a scale-down from failing calls
+            return True
+        return self.reused and self.attempts == 1  # the keep-alive race on a pooled connection
 
     @staticmethod
     def _far_app_unavailable(headers: list[tuple[bytes, bytes]]) -> bool:
         return any(n.lower() == http1.ERROR_HEADER and v == http1.APP_UNAVAILABLE for n, v in headers)
 
-    def _retry_or_fail(self, err: SidecarError, *, retry_allowed: bool) -> None:
+    def _retry_or_fail(self, err: SidecarError, *, retry_allowed: bool, nothing_processed: bool = False) -> None:
         route = self.route
-        if retry_allowed and self._can_retry():
+        if retry_allowed and self._can_retry(nothing_processed=nothing_processed):
             assert route is not None
             self.ctx.metrics.retries += 1
             failed = self.endpoint
             self.upstream = None
+            self.resume_downstream_reading()  # the old upstream's full buffer no longer matters
             self._dispatch(route, exclude=failed if len(route.endpoints) > 1 else None)
             return
         self.fail(err)
@@ -621,6 +631,8 @@ class Exchange:
         conn = self.upstream
         self.upstream = None
         if conn is not None:
+            if self.ctx.book is not None:
+                self.ctx.book.health.finished(conn.key)  # else least-request sees it busy forever
             conn.exchange = None
             conn.close()
         if self.response_started:
@@ -656,6 +668,9 @@ class Exchange:
             self.timer.cancel()
             self.timer = None
         self._count(self.resp_status)
+        # the upstream is detached and can no longer resume the client; the rest of the body
+        # must still be read (and dropped) for the connection to go on
+        self.resume_downstream_reading()
         self._maybe_done()
 
     def _maybe_done(self) -> None:
@@ -697,10 +712,14 @@ class Exchange:
             self.down.write(data)
 
     def pause_downstream_reading(self) -> None:
-        self.down.pause_reading()
+        if not self._up_paused:
+            self._up_paused = True
+            self.down.pause_reading()
 
     def resume_downstream_reading(self) -> None:
-        self.down.resume_reading()
+        if self._up_paused:
+            self._up_paused = False
+            self.down.resume_reading()
 
     # ----- small helpers -----
 

@@ -1,0 +1,441 @@
+"""The local authoritative DNS server of `sidemesh up`: `{service}.{zone}` -> the pods' addresses.
+
+What it answers (RFC 1034/1035 semantics, built on dnspython; no packet is
+parsed or built by hand):
+
+* ``{service}.{zone}`` A/AAAA (and ANY): the service's IPv4/IPv6 addresses,
+  authoritative (AA), with the configured TTL; a known service without
+  records of the asked type gets NOERROR/NODATA.
+* any other name inside the zone: NXDOMAIN; names outside it: REFUSED.
+* negative answers carry the zone's SOA in the authority section, whose TTL
+  and MINIMUM equal ``--ttl``, so resolvers cache them that long (RFC 2308).
+* garbage (unparseable datagrams, responses sent to us) gets silence and is
+  counted; a TCP peer that sends junk is disconnected, one that stalls is
+  timed out; neither affects anyone else.
+
+The records are replaced as a whole through the HTTP API on ``--api-port``
+(``PUT /records`` with ``{"artist": ["127.10.1.1", "127.10.1.2"]}``,
+``GET /records``, ``GET /healthz``), which `sidemesh up` calls whenever
+pods come and go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, cast
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import uvloop
+from aiohttp import web
+
+log = logging.getLogger("sidemesh.dns")
+
+DEFAULT_LISTEN: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 15053
+DEFAULT_API_PORT: Final = 15054
+DEFAULT_ZONE: Final = "mesh.local"
+DEFAULT_TTL: Final = 2
+ENV_LISTEN: Final = "SIDEMESH_DNS_LISTEN"
+ENV_PORT: Final = "SIDEMESH_DNS_PORT"
+ENV_API_PORT: Final = "SIDEMESH_DNS_API_PORT"
+ENV_ZONE: Final = "SIDEMESH_DNS_ZONE"
+ENV_TTL: Final = "SIDEMESH_DNS_TTL"
+ENV_LOG_LEVEL: Final = "SIDEMESH_LOG_LEVEL"
+
+TCP_IDLE_TIMEOUT_S: Final = 10.0  # RFC 7766 6.2.3: servers may close idle connections after seconds
+MAX_TCP_CONNECTIONS: Final = 256
+UDP_MIN_PAYLOAD: Final = 512
+TCP_MAX_MESSAGE: Final = 65535
+SHUTDOWN_GRACE_S: Final = 2.0
+# RFC 1123 LDH label: letters, digits, hyphens; no leading/trailing hyphen; 1..63 chars
+_LABEL_RE: Final = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+class RecordsError(ValueError):
+    """A records update that is not a mapping of DNS labels to IP address lists."""
+
+
+def validate_records(data: object) -> dict[str, tuple[str, ...]]:
+    """Check a ``{service: [address, ...]}`` mapping and normalise it (lower-case names, canonical IPs)."""
+    if not isinstance(data, Mapping):
+        raise RecordsError("records must be a JSON object mapping service names to lists of IP addresses")
+    records: dict[str, tuple[str, ...]] = {}
+    for name, addresses in data.items():
+        if not isinstance(name, str) or not _LABEL_RE.match(name.lower()):
+            raise RecordsError(f"service name {name!r} is not a DNS label (letters, digits, '-', 1-63 chars)")
+        if not isinstance(addresses, list | tuple) or not all(isinstance(a, str) for a in addresses):
+            raise RecordsError(f"addresses of {name!r} must be a list of strings")
+        canonical: list[str] = []
+        for address in addresses:
+            try:
+                text = str(ipaddress.ip_address(address))
+            except ValueError:
+                raise RecordsError(f"address {address!r} of {name!r} is not an IPv4 or IPv6 literal") from None
+            if text not in canonical:
+                canonical.append(text)
+        key = name.lower()
+        if key in records:
+            raise RecordsError(f"service name {name!r} appears twice (names are case-insensitive)")
+        records[key] = tuple(canonical)
+    return records
+
+
+def build_response(
+    query: dns.message.Message,
+    zone: dns.name.Name,
+    records: Mapping[str, tuple[str, ...]],
+    ttl: int,
+    serial: int,
+) -> dns.message.Message:
+    """The answer to one parsed query (pure: no I/O, no clock)."""
+    response = dns.message.make_response(query)
+    if query.opcode() != dns.opcode.QUERY:
+        response.set_rcode(dns.rcode.NOTIMP)
+        return response
+    if len(query.question) != 1:
+        response.set_rcode(dns.rcode.FORMERR)
+        return response
+    question = query.question[0]
+    qname, qtype = question.name, question.rdtype
+    if question.rdclass not in (dns.rdataclass.IN, dns.rdataclass.ANY) or not qname.is_subdomain(zone):
+        response.set_rcode(dns.rcode.REFUSED)  # not our zone: we are no recursor
+        return response
+    response.flags |= dns.flags.AA
+    soa = _soa(zone, ttl, serial)
+    if qname == zone:
+        if qtype in (dns.rdatatype.SOA, dns.rdatatype.ANY):
+            response.answer.append(soa)
+        else:
+            response.authority.append(soa)  # NODATA
+        return response
+    labels = qname.relativize(zone).labels
+    service = labels[0].decode("ascii", "replace").lower() if len(labels) == 1 else None
+    if service is None or service not in records:
+        response.set_rcode(dns.rcode.NXDOMAIN)
+        response.authority.append(soa)
+        return response
+    wanted = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 6}
+    for rdtype, version in wanted.items():
+        if qtype not in (rdtype, dns.rdatatype.ANY):
+            continue
+        addresses = [a for a in records[service] if ipaddress.ip_address(a).version == version]
+        if addresses:
+            response.answer.append(dns.rrset.from_text_list(qname, ttl, dns.rdataclass.IN, rdtype, addresses))
+    if not response.answer:
+        response.authority.append(soa)  # NODATA
+    return response
+
+
+def _soa(zone: dns.name.Name, ttl: int, serial: int) -> dns.rrset.RRset:
+    origin = zone.to_text()
+    # refresh/retry/expire matter only to secondaries, which we do not have; MINIMUM is the negative TTL
+    text = f"ns.{origin} hostmaster.{origin} {serial} 3600 600 86400 {ttl}"
+    return dns.rrset.from_text(zone, ttl, dns.rdataclass.IN, dns.rdatatype.SOA, text)
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: MeshDnsServer) -> None:
+        self._server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's UDP transport does not subclass asyncio.DatagramTransport, hence the cast
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        reply = self._server.handle_wire(data, tcp=False)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("event=dns_udp_error error=%s", exc)
+
+
+class MeshDnsServer:
+    """Authoritative DNS for one zone over UDP and TCP, records replaced as a whole."""
+
+    def __init__(
+        self,
+        zone: str = DEFAULT_ZONE,
+        ttl: int = DEFAULT_TTL,
+        *,
+        tcp_idle_timeout_s: float = TCP_IDLE_TIMEOUT_S,
+        max_tcp_connections: int = MAX_TCP_CONNECTIONS,
+    ) -> None:
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= 2**31 - 1:
+            raise ValueError(f"ttl must be an integer number of seconds >= 0, got {ttl!r}")
+        try:
+            self.zone = dns.name.from_text(zone)
+        except dns.exception.DNSException as exc:
+            raise ValueError(f"zone {zone!r} is not a valid DNS name: {exc}") from exc
+        if self.zone == dns.name.root:
+            raise ValueError("zone must not be the root")
+        self.ttl = ttl
+        self._records: dict[str, tuple[str, ...]] = {}
+        self._serial = 1
+        self._idle_timeout_s = tcp_idle_timeout_s
+        self._max_tcp = max_tcp_connections
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tcp_tasks: set[asyncio.Task[Any]] = set()
+        self.port: int | None = None
+        self.stats: dict[str, int] = {"queries": 0, "garbage": 0, "tcp_rejected": 0}
+
+    async def start(self, host: str = DEFAULT_LISTEN, port: int = DEFAULT_PORT) -> None:
+        """Listen on ``host:port`` over UDP and TCP (port 0: one free port for both)."""
+        loop = asyncio.get_running_loop()
+        for _attempt in range(5 if port == 0 else 1):
+            udp, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), local_addr=(host, port))
+            bound = int(udp.get_extra_info("sockname")[1])
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, host, bound, reuse_address=True)
+            except OSError:
+                udp.close()
+                if port != 0:
+                    raise
+                continue
+            self._udp, self.port = udp, bound
+            log.info("event=dns_listening host=%s port=%d zone=%s ttl=%d", host, bound, self.zone, self.ttl)
+            return
+        raise OSError(f"no port free for both UDP and TCP on {host}")
+
+    def set_records(self, mapping: Mapping[str, Sequence[str]] | object) -> dict[str, tuple[str, ...]]:
+        """Replace all records (validated; raises :class:`RecordsError`); returns what is now served."""
+        records = validate_records(mapping)
+        old = self._records
+        self._records = records
+        self._serial = (self._serial + 1) % 2**32 or 1
+        changed = sorted(n for n in records.keys() | old.keys() if records.get(n) != old.get(n))
+        log.info(
+            "event=dns_records_updated services=%d addresses=%d serial=%d changed=%s %s",
+            len(records),
+            sum(len(a) for a in records.values()),
+            self._serial,
+            ",".join(changed) or "-",
+            " ".join(f"{n}={','.join(records[n]) or '-'}" for n in changed if n in records),
+        )
+        return dict(records)
+
+    def records(self) -> dict[str, list[str]]:
+        """The records now served: ``{service: [address, ...]}``."""
+        return {name: list(addresses) for name, addresses in self._records.items()}
+
+    def handle_wire(self, wire: bytes, *, tcp: bool) -> bytes | None:
+        """Answer one DNS message in wire format; None means stay silent. Never raises."""
+        try:
+            query = dns.message.from_wire(wire)
+        except Exception as exc:  # noqa: BLE001 - garbage from the network, whatever dnspython makes of it
+            self.stats["garbage"] += 1
+            log.debug("event=dns_garbage size=%d tcp=%s error=%s", len(wire), tcp, type(exc).__name__)
+            return None
+        if query.flags & dns.flags.QR:
+            self.stats["garbage"] += 1  # a response sent to us; answering could start a loop
+            return None
+        self.stats["queries"] += 1
+        try:
+            response = build_response(query, self.zone, self._records, self.ttl, self._serial)
+            max_size = TCP_MAX_MESSAGE if tcp else max(UDP_MIN_PAYLOAD, query.payload if query.edns >= 0 else 0)
+            try:
+                return response.to_wire(max_size=max_size)
+            except dns.exception.TooBig:
+                truncated = dns.message.make_response(query)
+                truncated.flags |= dns.flags.AA | dns.flags.TC  # RFC 1035 4.2.1: retry over TCP
+                return truncated.to_wire(max_size=max_size)
+        except Exception:  # noqa: BLE001 - a bug here must cost one answer, not the server
+            log.exception("event=dns_answer_failed")
+            return None
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if len(self._tcp_tasks) >= self._max_tcp or task is None:
+            self.stats["tcp_rejected"] += 1
+            writer.close()
+            return
+        self._tcp_tasks.add(task)
+        try:
+            while True:
+                # RFC 1035 4.2.2 / RFC 7766: each message is preceded by its 2-byte length
+                async with asyncio.timeout(self._idle_timeout_s):
+                    length = int.from_bytes(await reader.readexactly(2), "big")
+                    wire = await reader.readexactly(length)
+                reply = self.handle_wire(wire, tcp=True)
+                if reply is None:
+                    break  # junk: the framing cannot be trusted any more
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                async with asyncio.timeout(self._idle_timeout_s):
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        except Exception:  # noqa: BLE001 - one connection's trouble must not reach the server
+            log.exception("event=dns_tcp_error")
+        finally:
+            self._tcp_tasks.discard(task)
+            writer.close()
+
+    async def close(self) -> None:
+        """Stop listening and drop open TCP connections."""
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if self._tcp is not None:
+            self._tcp.close()
+        tasks = list(self._tcp_tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._tcp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tcp.wait_closed(), SHUTDOWN_GRACE_S)
+            self._tcp = None
+
+
+def make_api_app(server: MeshDnsServer) -> web.Application:
+    """The records API: ``PUT /records`` (replace all), ``GET /records``, ``GET /healthz``."""
+
+    async def put_records(request: web.Request) -> web.Response:
+        try:
+            data = await request.json(loads=json.loads)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _json_error(f"body is not JSON: {exc}")
+        try:
+            server.set_records(data)
+        except RecordsError as exc:
+            return _json_error(str(exc))
+        return web.json_response(server.records())
+
+    async def get_records(_request: web.Request) -> web.Response:
+        return web.json_response(server.records())
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_put("/records", put_records)
+    app.router.add_get("/records", get_records)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def _json_error(message: str) -> web.Response:
+    return web.json_response({"error": message, "status": 400}, status=400)
+
+
+def _env_default(name: str, fallback: str) -> str:
+    return os.environ.get(name) or fallback
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sidemesh dns`` command line."""
+    parser = argparse.ArgumentParser(
+        prog="sidemesh dns",
+        description="Run the local authoritative DNS server for the mesh zone (UDP+TCP) and its records API.",
+    )
+    options = [
+        ("--listen", ENV_LISTEN, DEFAULT_LISTEN, "IP address to listen on for DNS and the API"),
+        ("--port", ENV_PORT, DEFAULT_PORT, "DNS port, UDP and TCP"),
+        ("--api-port", ENV_API_PORT, DEFAULT_API_PORT, "HTTP port of the records API"),
+        ("--zone", ENV_ZONE, DEFAULT_ZONE, "the zone served: names are SERVICE.ZONE"),
+        ("--ttl", ENV_TTL, DEFAULT_TTL, "TTL in seconds of every answer, also the negative-caching TTL"),
+    ]
+    for flag, env, default, text in options:
+        parser.add_argument(flag, default=_env_default(env, str(default)), help=f"{text} (default {default}; ${env})")
+    parser.add_argument("--record", action="append", default=[], metavar="SERVICE=ADDR[,ADDR...]",
+                        help="initial records (repeatable), e.g. --record artist=127.10.1.1,127.10.1.2")
+    parser.add_argument("--log-level", default=_env_default(ENV_LOG_LEVEL, "info"),
+                        choices=["debug", "info", "warning", "error"],
+                        help=f"log level (default info; ${ENV_LOG_LEVEL})")
+    return parser
+
+
+def _port(parser: argparse.ArgumentParser, option: str, text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        parser.error(f"{option}: {text!r} is not a port number")
+    if not 0 < port < 65536:
+        parser.error(f"{option}: {port} is not in 1..65535")
+    return port
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``sidemesh dns``: serve until SIGTERM/SIGINT, then exit 0."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    port = _port(parser, "--port", args.port)
+    api_port = _port(parser, "--api-port", args.api_port)
+    try:
+        ipaddress.ip_address(args.listen)
+    except ValueError:
+        parser.error(f"--listen: {args.listen!r} is not an IP address")
+    try:
+        ttl = int(args.ttl)
+        server = MeshDnsServer(args.zone, ttl)
+    except ValueError as exc:
+        parser.error(f"--zone/--ttl: {exc}")
+    initial: dict[str, list[str]] = {}
+    for item in args.record:
+        name, sep, addresses = item.partition("=")
+        if not sep:
+            parser.error(f"--record {item!r}: expected SERVICE=ADDR[,ADDR...]")
+        initial[name] = [a for a in addresses.split(",") if a]
+    try:
+        validate_records(initial)
+    except RecordsError as exc:
+        parser.error(f"--record: {exc}")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s level=%(levelname)s component=dns %(message)s",
+    )
+    if initial:
+        server.set_records(initial)
+
+    return uvloop.run(_serve(server, args.listen, port, api_port))
+
+
+async def _serve(server: MeshDnsServer, host: str, port: int, api_port: int) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(
+        make_api_app(server), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
+    )
+    try:
+        await server.start(host, port)
+        await runner.setup()
+        await web.TCPSite(runner, host, api_port).start()
+    except OSError as exc:
+        log.error("event=dns_start_failed host=%s port=%d api_port=%d error=%s", host, port, api_port, exc)
+        await runner.cleanup()
+        await server.close()
+        return 1
+    log.info("event=dns_api_listening host=%s port=%d", host, api_port)
+    await stop.wait()
+    log.info("event=dns_stopping")
+    await runner.cleanup()
+    await server.close()
+    log.info("event=dns_stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Where everything of a local mesh lives, and the pure decisions of ``sidemesh up``.
+
+Theory of operation: ``sidemesh up`` runs every component on its own loopback
+address so the fixed ports of the design (8080, 15000/15001/15006, 15010/15014,
+15053/15054) serve side by side, exactly as in compose where every pod has its
+own IP. The layout is a pure function of the subnet:
+
+    subnet 127.10 (a /16)               subnet 127.150.7 (a /24, used by tests)
+    supervisor API  127.10.0.1:15100     127.150.7.1:15100
+    control plane   127.10.0.2           127.150.7.2
+    DNS server      127.10.0.3           127.150.7.3
+    artist-2        127.10.1.2           127.150.7.12   (service index * 10 + replica)
+    song-1          127.10.2.1           127.150.7.21
+    image-1         127.10.3.1           127.150.7.31
+
+Everything here is pure (no I/O): the supervisor asks this module what to run,
+which replicas a scale starts or stops, and what DNS should answer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+SERVICES: tuple[str, ...] = ("artist", "song", "image")
+SERVICE_INDEX: Mapping[str, int] = {"artist": 1, "song": 2, "image": 3}
+PUBLISHED_SERVICE = "song"
+
+APP_PORT = 8080
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+ADMIN_PORT = 15000
+GRPC_PORT = 15010
+CP_HTTP_PORT = 15014
+DNS_PORT = 15053
+DNS_API_PORT = 15054
+CONTROL_PORT = 15100
+
+DEFAULT_SUBNET = "127.10"
+DEFAULT_PUBLISH = "127.0.0.1:8080"
+DEFAULT_ZONE = "mesh.local"
+DEFAULT_DNS_TTL = 2.0
+
+CONTROLPLANE = "controlplane"
+DNS = "dns"
+
+MAX_REPLICAS_WIDE = 254  # /16 subnet: the replica is the last octet
+MAX_REPLICAS_NARROW = 9  # /24 subnet: the last octet is index * 10 + replica
+
+
+class LayoutError(ValueError):
+    """Bad input for the layout (subnet, replica count, name); the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_hostport(text: str, *, default_port: int | None = None) -> HostPort:
+    """``'127.0.0.1:8080'`` -> HostPort; a bare host takes ``default_port`` if given."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep:
+        host, port_text = port_text, ""
+    if not port_text:
+        if default_port is None:
+            raise LayoutError(f"{text!r}: expected HOST:PORT")
+        return HostPort(host, default_port)
+    if not host:
+        raise LayoutError(f"{text!r}: expected HOST:PORT")
+    try:
+        port = int(port_text)
+    except ValueError as exc:
+        raise LayoutError(f"{text!r}: port {port_text!r} is not a number") from exc
+    if not 0 < port < 65536:
+        raise LayoutError(f"{text!r}: port {port} out of range 1-65535")
+    return HostPort(host.strip("[]"), port)
+
+
+def parse_subnet(text: str) -> tuple[int, ...]:
+    """'127.10' or '127.150.7' -> its octets; anything else is a LayoutError."""
+    parts = text.strip().strip(".").split(".")
+    if len(parts) not in (2, 3) or parts[0] != "127":
+        raise LayoutError(f"subnet {text!r}: expected 127.A (a /16) or 127.A.B (a /24) on loopback")
+    try:
+        octets = tuple(int(p) for p in parts)
+    except ValueError as exc:
+        raise LayoutError(f"subnet {text!r}: octets must be numbers") from exc
+    if any(not 0 <= o <= 255 for o in octets):
+        raise LayoutError(f"subnet {text!r}: octets must be 0-255")
+    return octets
+
+
+def parse_replicas(items: Iterable[str], *, max_replicas: int = MAX_REPLICAS_WIDE) -> dict[str, int]:
+    """``['artist=2', 'image=0']`` -> ``{'artist': 2, 'image': 0}`` (services not named: 1)."""
+    counts = {s: 1 for s in SERVICES}
+    for item in items:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            service, sep, count_text = part.partition("=")
+            service = service.strip()
+            if not sep or service not in SERVICE_INDEX:
+                raise LayoutError(f"{part!r}: expected SERVICE=N with SERVICE one of {', '.join(SERVICES)}")
+            counts[service] = check_replicas(service, count_text, max_replicas=max_replicas)
+    return counts
+
+
+def check_replicas(service: str, count: object, *, max_replicas: int) -> int:
+    """A replica count as an int in 0..max_replicas, or a LayoutError saying why not."""
+    try:
+        n = int(str(count).strip())
+    except ValueError as exc:
+        raise LayoutError(f"{service}={count}: replica count must be a whole number") from exc
+    if not 0 <= n <= max_replicas:
+        raise LayoutError(f"{service}={n}: replicas must be between 0 and {max_replicas}")
+    return n
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSpec:
+    """One OS process of a unit: its role ('app', 'sidecar', 'main') and arguments to `sidemesh`."""
+
+    role: str
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UnitSpec:
+    """Something `sidemesh kill/stop/start` can name: the control plane, DNS, or one pod."""
+
+    name: str
+    kind: str  # controlplane | dns | pod
+    address: str
+    ports: Mapping[str, int]
+    processes: tuple[ProcessSpec, ...]
+    service: str | None = None
+    replica: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MeshLayout:
+    """The addresses and arguments of one local mesh, derived from its subnet."""
+
+    subnet: str = DEFAULT_SUBNET
+    publish: HostPort = field(default_factory=lambda: parse_hostport(DEFAULT_PUBLISH))
+    zone: str = DEFAULT_ZONE
+    dns_ttl: float = DEFAULT_DNS_TTL
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        parse_subnet(self.subnet)
+
+    @property
+    def narrow(self) -> bool:
+        """True for a /24 subnet (127.A.B), False for a /16 (127.A)."""
+        return len(parse_subnet(self.subnet)) == 3
+
+    @property
+    def max_replicas(self) -> int:
+        return MAX_REPLICAS_NARROW if self.narrow else MAX_REPLICAS_WIDE
+
+    def _host(self, hi: int, lo: int) -> str:
+        base = ".".join(str(o) for o in parse_subnet(self.subnet))
+        if self.narrow:
+            return f"{base}.{hi * 10 + lo if hi else lo}"
+        return f"{base}.{hi}.{lo}"
+
+    @property
+    def supervisor_address(self) -> str:
+        return self._host(0, 1)
+
+    @property
+    def default_control(self) -> HostPort:
+        return HostPort(self.supervisor_address, CONTROL_PORT)
+
+    @property
+    def controlplane_address(self) -> str:
+        return self._host(0, 2)
+
+    @property
+    def dns_address(self) -> str:
+        return self._host(0, 3)
+
+    def pod_address(self, service: str, replica: int) -> str:
+        if service not in SERVICE_INDEX:
+            raise LayoutError(f"unknown service {service!r}; known: {', '.join(SERVICES)}")
+        if not 1 <= replica <= self.max_replicas:
+            raise LayoutError(f"{service}-{replica}: replica out of range 1-{self.max_replicas}")
+        return self._host(SERVICE_INDEX[service], replica)
+
+    def controlplane(self) -> UnitSpec:
+        addr = self.controlplane_address
+        args = ("controlplane", "--listen", addr, "--grpc-port", str(GRPC_PORT),
+                "--http-port", str(CP_HTTP_PORT), "--log-level", self.log_level)
+        return UnitSpec(CONTROLPLANE, "controlplane", addr, {"grpc": GRPC_PORT, "http": CP_HTTP_PORT},
+                        (ProcessSpec("main", args),))
+
+    def dns(self) -> UnitSpec:
+        addr = self.dns_address
+        args = ("dns", "--listen", addr, "--port", str(DNS_PORT), "--api-port", str(DNS_API_PORT),
+                "--zone", self.zone, "--ttl", _num(self.dns_ttl))
+        return UnitSpec(DNS, "dns", addr, {"dns": DNS_PORT, "api": DNS_API_PORT}, (ProcessSpec("main", args),))
+
+    def pod(self, service: str, replica: int) -> UnitSpec:
+        addr = self.pod_address(service, replica)
+        name = pod_name(service, replica)
+        app = ("service", service, "--host", addr, "--port", str(APP_PORT), "--instance", name,
+               "--proxy", f"http://{addr}:{OUTBOUND_PORT}")
+        sidecar = ["sidecar", "--service", service, "--instance", name, "--address", addr,
+                   "--listen", addr, "--outbound-listen", addr,
+                   "--outbound-port", str(OUTBOUND_PORT), "--inbound-port", str(INBOUND_PORT),
+                   "--admin-port", str(ADMIN_PORT), "--app", f"{addr}:{APP_PORT}",
+                   "--controlplane", f"{self.controlplane_address}:{GRPC_PORT}",
+                   "--dns-server", f"{self.dns_address}:{DNS_PORT}",
+                   "--dns-template", "{service}." + self.zone]
+        ports = {"app": APP_PORT, "outbound": OUTBOUND_PORT, "inbound": INBOUND_PORT, "admin": ADMIN_PORT}
+        if service == PUBLISHED_SERVICE and replica == 1:
+            # only song-1 can hold the published port: two processes cannot bind it
+            sidecar += ["--extra-inbound", str(self.publish)]
+            ports["publish"] = self.publish.port
+        return UnitSpec(name, "pod", addr, ports,
+                        (ProcessSpec("app", app), ProcessSpec("sidecar", tuple(sidecar))),
+                        service=service, replica=replica)
+
+    def initial_units(self, replicas: Mapping[str, int]) -> list[UnitSpec]:
+        """DNS, control plane, then every pod of ``replicas`` (service -> count)."""
+        units = [self.dns(), self.controlplane()]
+        for service in SERVICES:
+            units += [self.pod(service, r) for r in range(1, replicas.get(service, 1) + 1)]
+        return units
+
+    def listen_sockets(self, replicas: Mapping[str, int]) -> list[tuple[str, str, int]]:
+        """Every (proto, host, port) the mesh will bind, for a busy-port check before starting."""
+        socks: list[tuple[str, str, int]] = [("udp", self.dns_address, DNS_PORT)]
+        for unit in self.initial_units(replicas):
+            socks += [("tcp", unit.address, p) for k, p in unit.ports.items() if k != "publish"]
+        socks.append(("tcp", self.publish.host, self.publish.port))
+        return socks
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def pod_name(service: str, replica: int) -> str:
+    return f"{service}-{replica}"
+
+
+@dataclass(frozen=True, slots=True)
+class ScalePlan:
+    """What a scale does: replicas to start (new or not running) and replicas to stop and remove."""
+
+    start: tuple[int, ...]
+    remove: tuple[int, ...]
+
+
+def plan_scale(states: Mapping[int, str], desired: int) -> ScalePlan:
+    """Scale to ``desired`` replicas, like compose: replicas 1..desired run, higher ones go.
+
+    ``states`` maps the replica numbers that exist to their state. Replicas up to
+    ``desired`` that are not running are started (the lowest numbers first, new
+    ones get the next numbers); every replica above ``desired`` is stopped and
+    removed, highest first.
+    """
+    start = tuple(r for r in range(1, desired + 1) if states.get(r) != "running")
+    remove = tuple(sorted((r for r in states if r > desired), reverse=True))
+    return ScalePlan(start, remove)
+
+
+def dns_records(units: Iterable[tuple[UnitSpec, str]]) -> dict[str, list[str]]:
+    """The DNS server's records: each service -> addresses of its running pods.
+
+    Services with no running pod are left out, so DNS answers NXDOMAIN for them
+    (the truth) and sidecars keep their last-known-good endpoints.
+    """
+    records: dict[str, list[str]] = {}
+    for spec, state in units:
+        if spec.kind == "pod" and state == "running" and spec.service:
+            records.setdefault(spec.service, []).append(spec.address)
+    return {s: sorted(a, key=ipaddress.ip_address) for s, a in sorted(records.items())}
+
+
+def resolve_target(name: str, specs: Iterable[UnitSpec]) -> list[UnitSpec]:
+    """The units a NAME stands for: 'controlplane', 'dns', a service (all its replicas), 'artist-2'.
+
+    Raises LayoutError naming the known names when nothing matches.
+    """
+    specs = list(specs)
+    exact = [s for s in specs if s.name == name]
+    if exact:
+        return exact
+    group = sorted((s for s in specs if s.kind == "pod" and s.service == name), key=lambda s: s.replica or 0)
+    if group or name in SERVICE_INDEX:
+        if not group:
+            raise LayoutError(f"service {name!r} has no replicas (scale it up with `sidemesh scale {name}=1`)")
+        return group
+    known = sorted({s.name for s in specs} | {s.service for s in specs if s.service})
+    raise LayoutError(f"unknown name {name!r}; known: {', '.join(known)}")

@@ -1,0 +1,127 @@
+"""``sidemesh status``: the control plane and every sidecar, asked directly.
+
+It asks the sidecars themselves (their admin ``/state``), so it keeps working
+while the control plane is down. Which sidecars: those of the running
+``sidemesh up`` (its control API's ``/pods``) if one answers; otherwise (compose:
+``docker compose exec song-sidecar sidemesh status``) the local sidecar's admin
+(``--admin``) and every endpoint its ``/state`` knows. All queries run at once
+with short timeouts; a sidecar that does not answer is shown as unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import uvloop
+
+from sidemesh.ctl import DEFAULT_CONTROL, ENV_CONTROL
+from sidemesh.statusreport import (
+    Target,
+    build_report,
+    controlplane_http_from_target,
+    render_table,
+    targets_from_pods,
+    targets_from_seed,
+)
+
+ENV_ADMIN = "SIDEMESH_ADMIN"
+DEFAULT_ADMIN = "127.0.0.1:15000"
+QUERY_TIMEOUT_S = 1.0
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="sidemesh status",
+        description="Show the control plane and every sidecar: mode, route version, when the mode last changed, "
+        "age of the last update. Asks the sidecars directly, so it works while the control plane is down.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--control", default=os.environ.get(ENV_CONTROL, DEFAULT_CONTROL), metavar="ADDR:PORT",
+                   help=f"control API of a running `sidemesh up`, asked first; env {ENV_CONTROL}; default %(default)s")
+    p.add_argument("--admin", default=os.environ.get(ENV_ADMIN, DEFAULT_ADMIN), metavar="HOST:PORT",
+                   help=f"a sidecar's admin address to start from when no `sidemesh up` answers (compose); "
+                   f"env {ENV_ADMIN}; default %(default)s")
+    p.add_argument("--controlplane-http", metavar="HOST:PORT",
+                   help="the control plane's HTTP address; default: from `sidemesh up`, else from the sidecar's "
+                   "/state (its gRPC target's host, port 15014)")
+    p.add_argument("--timeout", type=float, default=QUERY_TIMEOUT_S,
+                   help="seconds to wait for each answer; default %(default)s")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    report = uvloop.run(collect(args.control, args.admin, controlplane_http=args.controlplane_http,
+                                timeout=args.timeout))
+    if report is None:
+        print(f"sidemesh status: no running `sidemesh up` at {args.control} and no sidecar admin at {args.admin}; "
+              "start the mesh with `sidemesh up` (or pass --control / --admin)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_table(report, now=time.time()))
+    return 0
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str) -> tuple[Any, str | None]:
+    """(body, None) on a 200 JSON answer, else (None, why)."""
+    try:
+        async with session.get(url) as resp:
+            if resp.status != 200:
+                return None, f"HTTP {resp.status}"
+            return await resp.json(content_type=None), None
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        return None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def collect(
+    control: str,
+    admin: str,
+    *,
+    controlplane_http: str | None = None,
+    timeout: float = QUERY_TIMEOUT_S,
+) -> dict[str, Any] | None:
+    """The status report, or None when neither a `sidemesh up` nor the seed sidecar answers."""
+    client_timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 0.5))
+    async with aiohttp.ClientSession(timeout=client_timeout) as session:
+        (pods, _), (mesh, _), (seed, _) = await asyncio.gather(
+            _get_json(session, f"http://{control}/pods"),
+            _get_json(session, f"http://{control}/mesh"),
+            _get_json(session, f"http://{admin}/state"),
+        )
+        targets: list[Target]
+        if isinstance(pods, list):
+            source = f"sidemesh up at {control}"
+            targets = targets_from_pods(pods)
+            cp_http = controlplane_http or (mesh or {}).get("controlplane", {}).get("http")
+            known: dict[str, Any] = {}
+        elif isinstance(seed, dict):
+            source = f"sidecar admin at {admin}"
+            targets = targets_from_seed(admin, seed)
+            cp_http = controlplane_http or controlplane_http_from_target((seed.get("controlplane") or {}).get("target"))
+            known = {admin: seed}
+        else:
+            return None
+
+        async def ask(t: Target) -> tuple[Target, Any, str | None]:
+            if t.admin in known:
+                return t, known[t.admin], None
+            state, err = await _get_json(session, f"http://{t.admin}/state")
+            return t, state if isinstance(state, dict) else None, err
+
+        cp_task = _get_json(session, f"http://{cp_http}/status") if cp_http else _none()
+        (cp_status, cp_err), *answers = await asyncio.gather(cp_task, *(ask(t) for t in targets))
+    return build_report(cp_http, cp_status if isinstance(cp_status, dict) else None, cp_err, answers, source=source)
+
+
+async def _none() -> tuple[None, str]:
+    return None, "address unknown"

@@ -1,0 +1,193 @@
+"""``sidemesh up``: the whole mesh on this machine, in the foreground, without Docker.
+
+Starts the DNS server, the control plane and every pod (app + sidecar) at once,
+each on its own loopback address (see ``sidemesh.layout``), waits until all
+answer, prints what is where and the curl line, then serves the control API that
+``sidemesh scale/kill/stop/start/status`` talk to. Ctrl-C or SIGTERM stops every
+process it started and exits 0. A busy address or port is reported before
+anything starts, with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from sidemesh.console import LogTailer, mesh_table
+from sidemesh.controlapi import make_app
+from sidemesh.layout import (
+    DEFAULT_DNS_TTL,
+    DEFAULT_PUBLISH,
+    DEFAULT_SUBNET,
+    DEFAULT_ZONE,
+    HostPort,
+    LayoutError,
+    MeshLayout,
+    parse_hostport,
+    parse_replicas,
+)
+from sidemesh.supervisor import READY_TIMEOUT_S, Supervisor
+
+ENV_SUBNET = "SIDEMESH_SUBNET"
+ENV_PUBLISH = "SIDEMESH_PUBLISH"
+ENV_CONTROL = "SIDEMESH_CONTROL"
+ENV_LOG_DIR = "SIDEMESH_LOG_DIR"
+
+log = logging.getLogger("sidemesh.up")
+
+
+@dataclass(frozen=True, slots=True)
+class UpConfig:
+    layout: MeshLayout
+    replicas: dict[str, int]
+    control: HostPort
+    log_dir: Path | None
+    console: str
+    ready_timeout: float
+
+
+def parse_args(argv: Sequence[str]) -> UpConfig:
+    p = argparse.ArgumentParser(
+        prog="sidemesh up",
+        description="Run the whole mesh locally in the foreground (no Docker): DNS server, control plane, "
+        "and artist, song, image each with its sidecar, every pod on its own loopback address. "
+        "Ctrl-C stops everything.",
+    )
+    p.add_argument("--replicas", action="append", default=[], metavar="SERVICE=N",
+                   help="replicas of a service (repeatable or comma-separated), e.g. --replicas artist=2; default 1 each")
+    p.add_argument("--subnet", default=os.environ.get(ENV_SUBNET, DEFAULT_SUBNET),
+                   help=f"loopback prefix for the mesh: 127.A (pods at 127.A.<service>.<replica>) or 127.A.B "
+                   f"(pods at 127.A.B.<service*10+replica>, at most 9 replicas); env {ENV_SUBNET}; default %(default)s")
+    p.add_argument("--publish", default=os.environ.get(ENV_PUBLISH, DEFAULT_PUBLISH), metavar="ADDR:PORT",
+                   help=f"where song-1's sidecar also listens inbound, for curl; env {ENV_PUBLISH}; default %(default)s")
+    p.add_argument("--control", default=os.environ.get(ENV_CONTROL), metavar="ADDR:PORT",
+                   help=f"address of the control API that `sidemesh scale/kill/...` use; env {ENV_CONTROL}; "
+                   "default <subnet>.0.1:15100 (127.10.0.1:15100)")
+    p.add_argument("--dns-ttl", type=float, default=DEFAULT_DNS_TTL,
+                   help="TTL in seconds of the local DNS server's answers; default %(default)s")
+    p.add_argument("--zone", default=DEFAULT_ZONE, help="the local DNS zone; default %(default)s")
+    p.add_argument("--log-dir", default=os.environ.get(ENV_LOG_DIR), metavar="DIR",
+                   help=f"directory for the per-process log files; env {ENV_LOG_DIR}; default a new temp dir (printed)")
+    p.add_argument("--console", choices=("events", "all", "none"), default="events",
+                   help="which child log lines to echo: events (mode changes, warnings, errors), all, none; "
+                   "default %(default)s")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="log level of the control plane and of `up` itself; default %(default)s")
+    p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S,
+                   help="seconds to wait for every component to answer before warning; default %(default)s")
+    args = p.parse_args(argv)
+    try:
+        layout = MeshLayout(subnet=args.subnet, publish=parse_hostport(args.publish), zone=args.zone,
+                            dns_ttl=args.dns_ttl, log_level=args.log_level)
+        replicas = parse_replicas(args.replicas, max_replicas=layout.max_replicas)
+        control = parse_hostport(args.control) if args.control else layout.default_control
+    except LayoutError as exc:
+        p.error(str(exc))
+    if args.dns_ttl <= 0:
+        p.error("--dns-ttl must be positive")
+    return UpConfig(layout, replicas, control, Path(args.log_dir) if args.log_dir else None,
+                    args.console, args.ready_timeout)
+
+
+def busy_sockets(sockets: Sequence[tuple[str, str, int]]) -> list[str]:
+    """Which (proto, host, port) cannot be bound, each with the reason ('in use', 'not available')."""
+    problems = []
+    for proto, host, port in sockets:
+        kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                why = "already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+                problems.append(f"{host}:{port}/{proto}: {why}")
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    t0 = time.monotonic()
+    config = parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s level=%(levelname)s component=up %(message)s")
+    socks = [("tcp", config.control.host, config.control.port), *config.layout.listen_sockets(config.replicas)]
+    problems = busy_sockets(socks)
+    if problems:
+        print("sidemesh up: cannot start, addresses busy:\n  " + "\n  ".join(problems)
+              + "\n(is another `sidemesh up` running? stop it, or use other --subnet/--publish/--control)",
+              file=sys.stderr)
+        return 1
+    log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="sidemesh-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return uvloop.run(run(config, log_dir, started=t0))
+
+
+async def run(config: UpConfig, log_dir: Path, *, started: float) -> int:
+    """Run the mesh until SIGINT/SIGTERM; returns the exit status."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    sup = Supervisor(config.layout, log_dir)
+    runner = web.AppRunner(make_app(sup, config.control), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.control.host, config.control.port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        print(f"sidemesh up: cannot listen on {config.control}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"sidemesh up: logs in {log_dir}", flush=True)
+    await sup.open()
+    tailer = LogTailer(lambda: {p.log_path: f"{u.spec.name}{'' if r == 'main' else '/' + r}"
+                                for u in sup.units.values() for r, p in u.procs.items()}, mode=config.console)
+    tail_task = asyncio.create_task(tailer.run(), name="log-tail")
+    try:
+        await sup.start_all(config.layout.initial_units(config.replicas))
+        ready = asyncio.create_task(sup.wait_ready(timeout=config.ready_timeout))
+        stop_wait = asyncio.create_task(stopping.wait())
+        await asyncio.wait({ready, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            _announce(config, sup, ready.result(), time.monotonic() - started)
+        else:
+            ready.cancel()
+        await stop_wait
+        print("sidemesh up: stopping every process...", flush=True)
+    finally:
+        await sup.close()
+        await tailer.poll()
+        tail_task.cancel()
+        await runner.cleanup()
+    left = sup.child_pids()
+    print("sidemesh up: stopped" + (f" (still alive: {left})" if left else ""), flush=True)
+    return 0
+
+
+def _announce(config: UpConfig, sup: Supervisor, ready: dict[str, float | None], elapsed: float) -> None:
+    print("\n" + mesh_table(sup.describe()) + "\n", flush=True)
+    late = [name for name, t in ready.items() if t is None]
+    if late:
+        print(f"sidemesh up: NOT ready after {config.ready_timeout:g} s: {', '.join(late)} "
+              f"(see their logs in {sup.log_dir})", flush=True)
+    else:
+        log.info("event=ready after_s=%.2f units=%d", elapsed, len(ready))
+        print(f"mesh ready in {elapsed:.2f} s", flush=True)
+    hint = "" if config.control == config.layout.default_control and config.layout.subnet == DEFAULT_SUBNET \
+        else f" --control {config.control}"
+    print(f"\n  curl {config.layout.publish}/songs/1/details\n"
+          f"  sidemesh status{hint}\n"
+          f"  sidemesh scale{hint} artist=2 | sidemesh kill{hint} controlplane | sidemesh start{hint} controlplane\n"
+          f"  Ctrl-C stops the mesh\n", flush=True)

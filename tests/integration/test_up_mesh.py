@@ -1,0 +1,375 @@
+"""`sidemesh up` as a user runs it: one real mesh (module-scoped) steered by the real CLI.
+
+The mesh gets its own /24 loopback subnet and its own published address, never
+the defaults, so these tests run while a user's `sidemesh up` runs. The tests
+share the mesh and run in file order: ready -> status -> scale -> kill under
+load -> control plane kill/stop/start -> SIGTERM leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support import REPO, ProcessGroup, Proc, free_port, loopback_address, loopback_subnet
+
+pytestmark = pytest.mark.timeout(120)
+
+READY_BUDGET_S = 5.0
+LOAD_CLIENTS = 50
+LOAD_SECONDS = 2.0
+LOAD_CAP_S = 10.0
+LOAD_MAX_PER_CLIENT = 400
+
+
+def _get_json(url: str, timeout: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class Mesh:
+    proc: Proc
+    subnet: str
+    control: str
+    publish: str
+    ready_s: float
+    logdir: Path
+
+    def url(self, path: str) -> str:
+        return f"http://{self.publish}{path}"
+
+    def pods(self) -> list[dict[str, Any]]:
+        return list(_get_json(f"http://{self.control}/pods"))
+
+    def running_pods(self) -> list[dict[str, Any]]:
+        return [p for p in self.pods() if p["kind"] == "pod" and p["state"] == "running"]
+
+    def cli(self, *args: str, timeout: float = 40.0) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "SIDEMESH_CONTROL": self.control}
+        return subprocess.run([sys.executable, "-m", "sidemesh", *args], capture_output=True, text=True,
+                              timeout=timeout, env=env, cwd=REPO)
+
+    def status(self) -> dict[str, Any]:
+        out = self.cli("status", "--json")
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout))
+
+    def wait_until(self, what: str, check: Any, timeout: float, interval: float = 0.02) -> float:
+        t0 = time.monotonic()
+        while True:
+            try:
+                if check():
+                    return time.monotonic() - t0
+            except (OSError, ValueError, KeyError):
+                pass
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"{what} not within {timeout}s\n{self.proc.log()[-4000:]}")
+            time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    group = ProcessGroup()
+    subnet = loopback_subnet()
+    publish_host = loopback_address()
+    publish = f"{publish_host}:{free_port(publish_host)}"
+    control = f"{subnet}.1:15100"
+    t0 = time.monotonic()
+    proc = group.start("up", "up", "--subnet", subnet, "--publish", publish, "--control", control,
+                       "--dns-ttl", "1", "--log-dir", str(group.logdir / "mesh"))
+    ready_s = None
+    try:
+        deadline = t0 + 20
+        while time.monotonic() < deadline and proc.alive:
+            if "mesh ready in" in proc.log():
+                ready_s = time.monotonic() - t0
+                break
+            time.sleep(0.02)
+        assert ready_s is not None, f"sidemesh up never became ready:\n{proc.log()}"
+        m = Mesh(proc, subnet, control, publish, ready_s, group.logdir / "mesh")
+        yield m
+    finally:
+        group.close()
+        failed = [item for item in request.session.items
+                  if getattr(item, "module", None) is request.module and getattr(item, "rep_call", None)
+                  and getattr(item, "rep_call").failed]
+        if failed:
+            print(group.logs())
+            for f in sorted((group.logdir / "mesh").glob("*.log")):
+                print(f"----- {f.name} -----\n{f.read_text(errors='replace')[-3000:]}")
+
+
+def test_up_is_ready_within_5s_and_serves_song_details(mesh: Mesh) -> None:
+    print(f"\nsidemesh up ready in {mesh.ready_s:.2f} s")
+    assert mesh.ready_s < READY_BUDGET_S
+    doc = _get_json(mesh.url("/songs/1/details"))
+    assert doc["song"]["id"] == 1
+    assert doc["artist"]["served_by"] == "artist-1"
+    assert doc["image"]["served_by"] == "image-1"
+    assert doc["served_by"] == "song-1"
+    assert "curl " + mesh.publish + "/songs/1/details" in mesh.proc.log()
+    names = {p["name"]: p for p in mesh.pods()}
+    assert set(names) == {"dns", "controlplane", "artist-1", "song-1", "image-1"}
+    assert all(p["state"] == "running" and p["ready"] for p in names.values())
+    assert names["artist-1"]["app_pid"] and names["artist-1"]["sidecar_pid"]
+
+
+def test_dns_server_follows_the_running_pods(mesh: Mesh) -> None:
+    mesh_info = _get_json(f"http://{mesh.control}/mesh")
+    records = _get_json(f"http://{mesh_info['dns']['api']}/records")
+    assert records == {"artist": [f"{mesh.subnet}.11"], "song": [f"{mesh.subnet}.21"], "image": [f"{mesh.subnet}.31"]}
+
+
+def test_dns_server_gets_the_records_again_after_kill_and_start(mesh: Mesh) -> None:
+    out = mesh.cli("kill", "dns")
+    assert out.returncode == 0 and "killed dns" in out.stdout, out.stderr
+    out = mesh.cli("start", "dns")
+    assert out.returncode == 0 and "started dns" in out.stdout, out.stderr
+    want = {"artist": [f"{mesh.subnet}.11"], "song": [f"{mesh.subnet}.21"], "image": [f"{mesh.subnet}.31"]}
+    took = mesh.wait_until("records back in the restarted DNS server",
+                           lambda: _get_json(f"http://{mesh.subnet}.3:15054/records") == want, timeout=2)
+    print(f"\nstart dns: records back {took:.3f} s after the command returned")
+
+
+def test_status_json_shows_every_sidecar_synced_on_the_control_plane_version(mesh: Mesh) -> None:
+    def all_synced() -> bool:
+        st = mesh.status()
+        return st["controlplane"]["reachable"] and all(
+            s["mode"] == "controlplane" and s["route_version"] == st["controlplane"]["version"] for s in st["sidecars"])
+
+    mesh.wait_until("all sidecars on the control plane's version", all_synced, timeout=5)
+    st = mesh.status()
+    assert set(st["controlplane"]) >= {"address", "reachable", "version"}
+    assert st["controlplane"]["address"] == f"{mesh.subnet}.2:15014"
+    assert sorted(s["instance"] for s in st["sidecars"]) == ["artist-1", "image-1", "song-1"]
+    for s in st["sidecars"]:
+        assert set(s) >= {"service", "instance", "address", "mode", "route_version", "mode_since", "last_update_age_s"}
+        assert s["acked"] == st["controlplane"]["version"]
+    table = mesh.cli("status")
+    assert table.returncode == 0 and "controlplane" in table.stdout and "s ago" in table.stdout, table.stdout
+
+
+def test_ctl_errors_are_clear(mesh: Mesh) -> None:
+    out = mesh.cli("kill", "artist-7")
+    assert out.returncode == 1 and "unknown name 'artist-7'" in out.stderr
+    nobody = f"{loopback_subnet()}.1:15100"
+    out = mesh.cli("kill", "--control", nobody, "dns")
+    assert out.returncode == 1
+    assert f"no running `sidemesh up` at {nobody}; start one with `sidemesh up`" in out.stderr
+    out = mesh.cli("scale", "artist=lots")
+    assert out.returncode == 1 and "whole number" in out.stderr
+
+
+def test_second_up_on_busy_addresses_says_so_and_exits_nonzero(mesh: Mesh) -> None:
+    out = mesh.cli("up", "--subnet", mesh.subnet, "--publish", mesh.publish, "--control", mesh.control, timeout=20)
+    assert out.returncode == 1
+    assert "already in use" in out.stderr and mesh.control in out.stderr
+
+
+async def _details_burst(url: str, n: int, concurrency: int) -> collections.Counter[str]:
+    served: collections.Counter[str] = collections.Counter()
+    sem = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async def one() -> None:
+            async with sem, session.get(url) as resp:
+                assert resp.status == 200, await resp.text()
+                served[(await resp.json())["artist"]["served_by"]] += 1
+        await asyncio.gather(*(one() for _ in range(n)))
+    return served
+
+
+def test_scale_artist_2_reaches_every_sidecar_within_1s_and_gets_half_the_calls(mesh: Mesh) -> None:
+    t0 = time.monotonic()
+    out = mesh.cli("scale", "artist=2")
+    scale_s = time.monotonic() - t0
+    assert out.returncode == 0, out.stderr
+    assert "started artist-2" in out.stdout
+
+    def everyone_knows_artist_2() -> bool:
+        for pod in mesh.running_pods():
+            state = _get_json(f"http://{pod['address']}:15000/state", timeout=0.5)
+            if "artist-2" not in {e["instance"] for e in state["services"]["artist"]["endpoints"]}:
+                return False
+        return True
+
+    spread_s = mesh.wait_until("artist-2 in every sidecar's table", everyone_knows_artist_2, timeout=3)
+    print(f"\nscale artist=2: command {scale_s:.2f} s ({out.stdout.strip()}); "
+          f"in every sidecar's /state {spread_s:.3f} s after it returned")
+    assert spread_s < 1.0
+    served = asyncio.run(_details_burst(mesh.url("/songs/2/details"), 200, 10))
+    print(f"artist calls over 200 details: {dict(served)}")
+    assert set(served) == {"artist-1", "artist-2"}
+    assert 60 <= served["artist-2"] <= 140
+    records = _get_json(f"http://{mesh.subnet}.3:15054/records")
+    assert records["artist"] == [f"{mesh.subnet}.11", f"{mesh.subnet}.12"]
+
+
+async def _load_with_kill(mesh: Mesh, name: str) -> tuple[int, int, collections.Counter[str], float]:
+    url = mesh.url("/songs/3/details")
+    ok = 0
+    failures: collections.Counter[str] = collections.Counter()
+    t0 = time.monotonic()
+    # load runs LOAD_SECONDS after the kill landed, never longer than LOAD_CAP_S in all
+    deadline = t0 + LOAD_CAP_S
+    env = {**os.environ, "SIDEMESH_CONTROL": mesh.control}
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal ok
+        for _ in range(LOAD_MAX_PER_CLIENT):
+            if time.monotonic() > deadline:
+                return
+            try:
+                async with session.get(url) as resp:
+                    body = await resp.read()
+                    if resp.status == 200:
+                        ok += 1
+                    else:
+                        failures[f"{resp.status} {body[:120]!r}"] += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failures[type(exc).__name__] += 1
+
+    async def killer() -> float:
+        await asyncio.sleep(1.0)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "sidemesh", "kill", name, env=env,
+                                                    stdout=asyncio.subprocess.PIPE, cwd=REPO)
+        out, _ = await proc.communicate()
+        nonlocal deadline
+        assert proc.returncode == 0 and f"killed {name}" in out.decode(), out
+        deadline = min(deadline, time.monotonic() + LOAD_SECONDS)
+        return time.monotonic() - t0
+
+    connector = aiohttp.TCPConnector(limit=LOAD_CLIENTS)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=5)) as session:
+        kill_task = asyncio.create_task(killer())
+        await asyncio.gather(*(client(session) for _ in range(LOAD_CLIENTS)))
+        killed_at = await kill_task
+    return ok, sum(failures.values()), failures, killed_at
+
+
+def test_kill_artist_2_under_50_clients_fails_no_request(mesh: Mesh) -> None:
+    ok, failed, failures, killed_at = asyncio.run(_load_with_kill(mesh, "artist-2"))
+    print(f"\nkill artist-2 landed at {killed_at:.2f} s under {LOAD_CLIENTS} clients, load until "
+          f"{LOAD_SECONDS:g} s after: {ok} ok, {failed} failed {dict(failures)}")
+    assert ok > 100
+    assert failed == 0
+    pods = {p["name"]: p for p in mesh.pods()}
+    assert pods["artist-2"]["state"] == "killed" and pods["artist-2"]["pids"] == []
+    mesh.wait_until("DNS without artist-2",
+                    lambda: _get_json(f"http://{mesh.subnet}.3:15054/records")["artist"] == [f"{mesh.subnet}.11"],
+                    timeout=2)
+
+
+def test_status_works_with_the_control_plane_killed_and_start_brings_it_back(mesh: Mesh) -> None:
+    out = mesh.cli("kill", "controlplane")
+    assert out.returncode == 0 and "killed controlplane" in out.stdout, out.stderr
+    t0 = time.monotonic()
+    st = mesh.status()
+    assert st["controlplane"]["reachable"] is False
+    assert st["controlplane"]["address"] == f"{mesh.subnet}.2:15014"
+    running = [s for s in st["sidecars"] if s["state"] == "running"]
+    assert len(running) == 3 and all(s["reachable"] for s in running)
+    dns_s = mesh.wait_until("every sidecar in dns mode",
+                            lambda: all(s["mode"] == "dns" for s in mesh.status()["sidecars"] if s["reachable"]),
+                            timeout=5, interval=0.1)
+    print(f"\ncontrol plane killed: status answered in {time.monotonic() - t0:.2f} s; all sidecars dns "
+          f"after {dns_s:.2f} s")
+    assert _get_json(mesh.url("/songs/4/details"))["artist"]["served_by"] == "artist-1"
+    assert "UNREACHABLE" in mesh.cli("status").stdout
+
+    out = mesh.cli("start", "controlplane")
+    assert out.returncode == 0 and "started controlplane" in out.stdout and "ready" in out.stdout, out.stdout
+    back_s = mesh.wait_until(
+        "every sidecar back on the control plane",
+        lambda: (st := mesh.status())["controlplane"]["reachable"]
+        and all(s["mode"] == "controlplane" for s in st["sidecars"] if s["reachable"]),
+        timeout=8, interval=0.1)
+    print(f"control plane started: all sidecars on it again {back_s:.2f} s later")
+
+
+def test_stop_and_start_controlplane_by_name(mesh: Mesh) -> None:
+    out = mesh.cli("stop", "controlplane")
+    assert out.returncode == 0 and "stopped controlplane" in out.stdout, out.stderr
+    cp = next(p for p in mesh.pods() if p["name"] == "controlplane")
+    assert cp["state"] == "stopped" and cp["pid"] is None
+    assert _get_json(mesh.url("/songs/5/details"))["song"]["id"] == 5
+    out = mesh.cli("start", "controlplane")
+    assert out.returncode == 0 and "started controlplane" in out.stdout
+    cp = next(p for p in mesh.pods() if p["name"] == "controlplane")
+    assert cp["state"] == "running" and _alive(cp["pid"])
+
+
+def test_status_without_sidemesh_up_discovers_sidecars_from_one_sidecar_admin(mesh: Mesh) -> None:
+    nobody = f"{loopback_subnet()}.1:15100"
+    out = mesh.cli("status", "--json", "--control", nobody, "--admin", f"{mesh.subnet}.21:15000")
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)
+    assert st["controlplane"]["address"] == f"{mesh.subnet}.2:15014"
+    assert st["controlplane"]["reachable"] is True
+    found = {s["instance"]: s for s in st["sidecars"] if s["reachable"]}
+    assert {"artist-1", "song-1", "image-1"} <= set(found)
+    assert all(s["mode"] for s in found.values())
+
+
+def test_a_process_that_dies_is_reported_not_restarted_and_start_brings_back_only_it(mesh: Mesh) -> None:
+    pod = next(p for p in mesh.pods() if p["name"] == "image-1")
+    os.kill(pod["app_pid"], signal.SIGKILL)
+    mesh.wait_until("image-1 exited", lambda: next(p for p in mesh.pods() if p["name"] == "image-1")["state"]
+                    == "exited", timeout=3)
+    assert f"event=process_exited name=image-1 process=app pid={pod['app_pid']} code=-9" in mesh.proc.log()
+    mesh.wait_until("DNS without image",
+                    lambda: "image" not in _get_json(f"http://{mesh.subnet}.3:15054/records"), timeout=2)
+    time.sleep(0.5)
+    after = next(p for p in mesh.pods() if p["name"] == "image-1")
+    assert after["state"] == "exited" and after["app_pid"] is None  # not restarted behind the user's back
+    assert after["sidecar_pid"] == pod["sidecar_pid"]
+    out = mesh.cli("start", "image-1")
+    assert out.returncode == 0 and "started image-1" in out.stdout, out.stderr
+    again = next(p for p in mesh.pods() if p["name"] == "image-1")
+    assert again["state"] == "running" and again["sidecar_pid"] == pod["sidecar_pid"]
+    assert again["app_pid"] not in (None, pod["app_pid"])
+    assert _get_json(mesh.url("/songs/6/details"))["image"]["served_by"] == "image-1"
+
+
+def test_fault_reaches_the_control_plane_found_through_sidemesh_up(mesh: Mesh) -> None:
+    out = mesh.cli("fault", "controlplane", "drop-service", "image")
+    assert out.returncode == 0 and "image" in out.stdout, out.stderr
+    status = _get_json(f"http://{mesh.subnet}.2:15014/status")
+    assert "image" in json.dumps(status["faults"])
+    out = mesh.cli("fault", "controlplane", "clear")
+    assert out.returncode == 0, out.stderr
+    assert "image" not in json.dumps(_get_json(f"http://{mesh.subnet}.2:15014/status")["faults"])
+    assert mesh.cli("fault", "controlplane", "drop-service").returncode == 2
+
+
+def test_sigterm_to_up_stops_every_child_and_exits_0(mesh: Mesh) -> None:
+    pids = [pid for p in mesh.pods() for pid in p["pids"]]
+    assert len(pids) >= 7
+    t0 = time.monotonic()
+    mesh.proc.signal(signal.SIGTERM)
+    code = mesh.proc.popen.wait(timeout=15)
+    print(f"\nSIGTERM: `sidemesh up` exited {code} after {time.monotonic() - t0:.2f} s; children {pids}")
+    assert code == 0
+    assert [pid for pid in pids if _alive(pid)] == []
