@@ -13,7 +13,7 @@ from types import MappingProxyType
 from meshpb.v1 import discovery_pb2 as pb
 
 from sidecar.errors import SnapshotRejected
-from sidecar.model import LB_POLICIES, LB_ROUND_ROBIN, Endpoint, Policy, RouteTable, ServiceEntry
+from sidecar.model import DEFAULT_POLICY, LB_POLICIES, LB_ROUND_ROBIN, Endpoint, Policy, RouteTable, ServiceEntry
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _MAX_TIMEOUT_MS = 3_600_000
@@ -66,7 +66,7 @@ def _policy(version: str, svc: pb.Service) -> Policy:
         raise SnapshotRejected(version, f"service {svc.name!r}: timeout_ms {p.timeout_ms} exceeds one hour")
     if p.retries > _MAX_RETRIES:
         raise SnapshotRejected(version, f"service {svc.name!r}: retries {p.retries} exceeds {_MAX_RETRIES}")
-    timeout_s = p.timeout_ms / 1000 if p.timeout_ms else Policy.timeout_s
+    timeout_s = p.timeout_ms / 1000 if p.timeout_ms else DEFAULT_POLICY.timeout_s
     return Policy(timeout_s=timeout_s, retries=p.retries, lb=lb)
 
 

@@ -105,6 +105,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._paused = 0
+        self.writing_paused = False  # the client reads slower than we write
         self._idle_timer: asyncio.TimerHandle | None = None
 
     # ----- asyncio.Protocol -----
@@ -147,10 +148,12 @@ class DownstreamConnection(asyncio.Protocol):
         self.active = None
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         if self.active is not None and self.active.upstream is not None:
             self.active.upstream.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         if self.active is not None and self.active.upstream is not None:
             self.active.upstream.resume_reading()
 
@@ -339,6 +342,10 @@ class Exchange:
         )
         self.req_framing = framing
         if self.ctx.direction == INBOUND:
+            if self.http10 and not _has_host(self.headers):
+                # we speak HTTP/1.1 upstream, where Host is mandatory (RFC 9112 3.2)
+                ep = self.ctx.app_route.endpoints[0]  # type: ignore[union-attr]
+                lines.append(b"host: %s:%d\r\n" % (ep.address.encode(), ep.port))
             self.req_lines = lines
             return
         target = self.target
@@ -368,6 +375,8 @@ class Exchange:
             raise BadRequest("request names no service: use an absolute URL (http://SERVICE/...) or a Host header")
         # the mesh routes by service name; drop any domain the app added (artist.mesh.local -> artist)
         self.service = service.split(".", 1)[0]
+        if self.http10 and not _has_host(self.headers):
+            lines.append(b"host: %s\r\n" % host)  # mandatory in the HTTP/1.1 we send (RFC 9112 3.2)
         self.req_lines = lines
 
     async def _route_slow(self) -> None:
@@ -416,6 +425,9 @@ class Exchange:
         self.upstream = conn
         self.reused = reused
         conn.exchange = self
+        if self.down.writing_paused:
+            # the client is still behind on an earlier (pipelined) response: do not read faster
+            conn.pause_reading()
         if self.ctx.book is not None:
             self.ctx.book.health.started(conn.key)
         head = [b"%s %s HTTP/1.1\r\n" % (self.method, self.target), *self.req_lines]
@@ -735,3 +747,7 @@ class Exchange:
 
     def _count(self, status: int) -> None:
         self.ctx.metrics.count(self.ctx.direction, self.service or "-", status)
+
+
+def _has_host(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name.lower() == b"host" for name, _ in headers)

@@ -26,7 +26,7 @@ Key = tuple[str, int]
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "exchange", "closed", "idle_since",
-        "_status_reason", "_headers", "_head_only",
+        "_status_reason", "_headers", "_head_only", "reading_paused",
     )
 
     def __init__(self, pool: UpstreamPool, key: Key) -> None:
@@ -40,6 +40,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._status_reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_only = False
+        self.reading_paused = False
 
     # ----- asyncio.Protocol -----
 
@@ -138,10 +139,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self.reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self.reading_paused = False
             self.transport.resume_reading()
 
 
@@ -191,6 +194,10 @@ class UpstreamPool:
         conn.exchange = None
         if not conn.usable:
             return
+        if conn.reading_paused:
+            # paused for a slow client, and the response completed within that same read: a
+            # pooled connection that does not read would never see its next response (504)
+            conn.resume_reading()
         conns = self.idle.setdefault(conn.key, [])
         if len(conns) >= self.max_idle:
             conn.close()

@@ -1,0 +1,450 @@
+"""The control plane's discovery stream, against a real grpc.aio server on loopback.
+
+Clients are real grpc.aio streams speaking sidemesh.v1 (``FakeSidecar`` below),
+not the project's sidecar: the proto is the only contract between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+
+from controlplane.app import RunningControlPlane, start
+from controlplane.config import ControlPlaneConfig
+from controlplane.model import ServicePolicy
+from meshpb.v1 import discovery_pb2, discovery_pb2_grpc
+from tests.support import loopback_address
+
+pytestmark = pytest.mark.timeout(60)
+
+# what a real sidecar configures (issue 3): ping every second, even without data
+SIDECAR_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class FakeSidecar:
+    """A discovery-stream client: sends a Hello, reads Snapshots, sends Acks."""
+
+    def __init__(self, target: str, node_id: str, service: str = "artist", address: str = "127.0.0.1",
+                 port: int = 15006, *, known_instances: Sequence[str] = (), last_version: str = "",
+                 channel_options: Sequence[tuple[str, int]] = ()) -> None:
+        self.target = target
+        self.hello = discovery_pb2.Hello(node_id=node_id, service=service, address=address, port=port,
+                                         known_instances=list(known_instances), last_version=last_version)
+        self.channel = grpc.aio.insecure_channel(target, options=list(channel_options))
+        self.call: Any = discovery_pb2_grpc.DiscoveryStub(self.channel).Stream()
+        self.snapshots: list[discovery_pb2.Snapshot] = []
+        # one reader task feeds a queue: timing out a wait must not cancel the RPC
+        self._inbox: asyncio.Queue[discovery_pb2.Snapshot | None] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def _read_all(self) -> None:
+        try:
+            while True:
+                msg = await self.call.read()
+                if msg is grpc.aio.EOF:
+                    break
+                self._inbox.put_nowait(msg)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            self._inbox.put_nowait(None)
+
+    async def send_hello(self) -> FakeSidecar:
+        await self.call.write(discovery_pb2.DiscoveryRequest(hello=self.hello))
+        self._reader = asyncio.ensure_future(self._read_all())
+        return self
+
+    async def send(self, request: discovery_pb2.DiscoveryRequest) -> None:
+        await self.call.write(request)
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read_all())
+
+    async def next_snapshot(self, timeout: float = 3.0) -> discovery_pb2.Snapshot:
+        msg = await asyncio.wait_for(self._inbox.get(), timeout)
+        assert msg is not None, "stream ended"
+        self.snapshots.append(msg)
+        return msg
+
+    async def snapshot_where(self, predicate: Callable[[discovery_pb2.Snapshot], bool],
+                             timeout: float = 3.0) -> discovery_pb2.Snapshot:
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = await self.next_snapshot(max(0.01, deadline - time.monotonic()))
+            if predicate(snap):
+                return snap
+
+    async def ack(self, snap: discovery_pb2.Snapshot, accepted: bool = True, detail: str = "",
+                  nonce: str | None = None) -> None:
+        await self.call.write(discovery_pb2.DiscoveryRequest(ack=discovery_pb2.Ack(
+            version=snap.version, nonce=snap.nonce if nonce is None else nonce,
+            accepted=accepted, error_detail=detail)))
+
+    async def status_code(self, timeout: float = 3.0) -> grpc.StatusCode:
+        return await asyncio.wait_for(self.call.code(), timeout)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        if self._reader is not None:
+            await self._reader
+        await self.channel.close()
+
+
+def instances(snap: discovery_pb2.Snapshot) -> dict[str, set[str]]:
+    return {s.name: {e.instance for e in s.endpoints} for s in snap.services}
+
+
+CpFactory = Callable[..., Awaitable[RunningControlPlane]]
+
+
+@pytest.fixture
+async def make_cp() -> AsyncIterator[CpFactory]:
+    running: list[RunningControlPlane] = []
+
+    async def factory(**overrides: Any) -> RunningControlPlane:
+        settings: dict[str, Any] = dict(listen=loopback_address(), grpc_port=0, http_port=0,
+                                        coalesce_ms=10.0, warmup_timeout=1.0, grace=0.5)
+        settings.update(overrides)
+        cp = await start(ControlPlaneConfig(**settings))
+        running.append(cp)
+        return cp
+
+    yield factory
+    for cp in running:
+        await cp.stop(0.5)
+
+
+@pytest.fixture
+async def cp(make_cp: CpFactory) -> RunningControlPlane:
+    return await make_cp()
+
+
+@pytest.fixture
+async def sidecars(cp: RunningControlPlane) -> AsyncIterator[Callable[..., Awaitable[FakeSidecar]]]:
+    opened: list[FakeSidecar] = []
+
+    async def connect(node_id: str, service: str = "artist", **kw: Any) -> FakeSidecar:
+        sc = FakeSidecar(target(cp), node_id, service, **kw)
+        opened.append(sc)
+        return await sc.send_hello()
+
+    yield connect
+    for sc in opened:
+        await sc.close()
+
+
+def target(cp: RunningControlPlane) -> str:
+    return f"{cp.plane.config.listen}:{cp.grpc_port}"
+
+
+async def get_status(cp: RunningControlPlane) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{cp.plane.config.listen}:{cp.http_port}/status") as resp:
+            assert resp.status == 200
+            return dict(await resp.json())
+
+
+async def wait_status(cp: RunningControlPlane, predicate: Callable[[dict[str, Any]], bool],
+                      timeout: float = 3.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await get_status(cp)
+        if predicate(status) or time.monotonic() > deadline:
+            return status
+        await asyncio.sleep(0.02)
+
+
+def sidecar_entry(status: dict[str, Any], node_id: str) -> dict[str, Any]:
+    [entry] = [s for s in status["sidecars"] if s["node_id"] == node_id]
+    return dict(entry)
+
+
+# --- registration and pushes ------------------------------------------------------------
+
+async def test_sidecar_receives_a_snapshot_holding_itself_after_its_hello(sidecars: Any) -> None:
+    a = await sidecars("artist-1", "artist", address="127.10.1.1", port=15006)
+    snap = await a.next_snapshot()
+    assert snap.version and snap.nonce
+    [svc] = snap.services
+    assert svc.name == "artist"
+    [ep] = svc.endpoints
+    assert (ep.address, ep.port, ep.instance) == ("127.10.1.1", 15006, "artist-1")
+    assert (svc.policy.timeout_ms, svc.policy.retries, svc.policy.lb) == (5000, 1, "round_robin")
+
+
+async def test_second_sidecar_joining_pushes_a_new_version_to_both_within_a_second(sidecars: Any) -> None:
+    a = await sidecars("artist-1", "artist")
+    first = await a.next_snapshot()
+    started = time.monotonic()
+    b = await sidecars("song-1", "song", address="127.10.2.1")
+    want = {"artist": {"artist-1"}, "song": {"song-1"}}
+    snap_a = await a.snapshot_where(lambda s: instances(s) == want, timeout=1.0)
+    snap_b = await b.snapshot_where(lambda s: instances(s) == want, timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    assert snap_a.version == snap_b.version
+    assert int(snap_a.version) > int(first.version)
+    assert snap_a.nonce != snap_b.nonce
+
+
+async def test_sidecar_whose_stream_ends_is_removed_from_the_next_snapshot(sidecars: Any, cp: Any) -> None:
+    a = await sidecars("artist-1", "artist")
+    b = await sidecars("artist-2", "artist", address="127.10.1.2")
+    await a.snapshot_where(lambda s: instances(s) == {"artist": {"artist-1", "artist-2"}})
+    await b.close()
+    snap = await a.snapshot_where(lambda s: instances(s) == {"artist": {"artist-1"}}, timeout=1.0)
+    assert [e.address for e in snap.services[0].endpoints] == ["127.0.0.1"]
+    status = await get_status(cp)
+    assert [s["node_id"] for s in status["sidecars"]] == ["artist-1"]
+
+
+async def test_policy_override_from_config_is_sent_with_the_service(make_cp: CpFactory) -> None:
+    cp = await make_cp(policies={"song": ServicePolicy(timeout_ms=2000, retries=0, lb="least_request")})
+    s = await FakeSidecar(target(cp), "song-1", "song").send_hello()
+    a = await FakeSidecar(target(cp), "artist-1", "artist").send_hello()
+    try:
+        snap = await s.snapshot_where(lambda x: len(x.services) == 2)
+        policies = {svc.name: (svc.policy.timeout_ms, svc.policy.retries, svc.policy.lb) for svc in snap.services}
+        assert policies == {"song": (2000, 0, "least_request"), "artist": (5000, 1, "round_robin")}
+    finally:
+        await s.close()
+        await a.close()
+
+
+async def test_newest_stream_for_a_node_id_replaces_the_old_one(sidecars: Any, cp: Any) -> None:
+    old = await sidecars("artist-1", "artist", address="127.10.1.1")
+    await old.next_snapshot()
+    new = await sidecars("artist-1", "artist", address="127.10.1.9")
+    snap = await new.snapshot_where(lambda s: bool(s.services))
+    assert [(e.instance, e.address) for e in snap.services[0].endpoints] == [("artist-1", "127.10.1.9")]
+    assert await old.status_code() == grpc.StatusCode.ABORTED
+    # the old stream's end must not unregister the new one
+    await asyncio.sleep(0.1)
+    status = await get_status(cp)
+    assert [(s["node_id"], s["address"]) for s in status["sidecars"]] == [("artist-1", "127.10.1.9")]
+
+
+async def test_version_increases_across_a_control_plane_restart(make_cp: CpFactory) -> None:
+    cp1 = await make_cp()
+    a = await FakeSidecar(target(cp1), "artist-1").send_hello()
+    v1 = (await a.next_snapshot()).version
+    await a.close()
+    await cp1.stop(0.1)
+    # a sidecar that reports a last_version in the future still gets a newer one
+    future = str(int(v1) + 10_000_000)
+    cp2 = await make_cp()
+    b = await FakeSidecar(target(cp2), "artist-1", last_version=future).send_hello()
+    try:
+        v2 = (await b.next_snapshot()).version
+        assert int(v2) > int(future) > int(v1)
+    finally:
+        await b.close()
+
+
+async def test_burst_of_fifty_joins_is_coalesced_into_far_fewer_pushes(make_cp: CpFactory) -> None:
+    cp = await make_cp(coalesce_ms=50.0)
+    watcher = await FakeSidecar(target(cp), "watcher", "watch").send_hello()
+    await watcher.next_snapshot()
+    joiners = [FakeSidecar(target(cp), f"artist-{i}", "artist", port=20000 + i) for i in range(50)]
+    try:
+        await asyncio.gather(*(j.send_hello() for j in joiners))
+        await watcher.snapshot_where(lambda s: len(instances(s).get("artist", ())) == 50, timeout=5.0)
+        versions_during_burst = len(watcher.snapshots) - 1
+        assert versions_during_burst <= 10, versions_during_burst
+        assert cp.plane.metrics.snapshots._value.get() <= 11
+    finally:
+        await asyncio.gather(*(j.close() for j in joiners))
+        await watcher.close()
+
+
+async def test_sidecar_keepalive_pings_every_second_are_tolerated(make_cp: CpFactory) -> None:
+    cp = await make_cp()
+    a = FakeSidecar(target(cp), "artist-1", channel_options=SIDECAR_CHANNEL_OPTIONS)
+    await a.send_hello()
+    try:
+        await a.next_snapshot()
+        await asyncio.sleep(3.5)  # a strike policy would GOAWAY the channel after ~2 pings
+        assert not a.call.done()
+        assert [s["node_id"] for s in (await get_status(cp))["sidecars"]] == ["artist-1"]
+    finally:
+        await a.close()
+
+
+async def test_shutdown_ends_streams_with_unavailable(make_cp: CpFactory) -> None:
+    cp = await make_cp()
+    a = await FakeSidecar(target(cp), "artist-1").send_hello()
+    await a.next_snapshot()
+    started = time.monotonic()
+    await cp.stop(2.0)
+    assert await a.status_code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < 1.5  # streams were ended, not left to the grace period
+    await a.close()
+
+
+# --- acks -------------------------------------------------------------------------------
+
+async def test_ack_marks_the_sidecar_synced_with_that_version(sidecars: Any, cp: Any) -> None:
+    a = await sidecars("artist-1")
+    snap = await a.next_snapshot()
+    status = await get_status(cp)
+    assert sidecar_entry(status, "artist-1")["status"] == "behind"
+    await a.ack(snap)
+    status = await wait_status(cp, lambda st: sidecar_entry(st, "artist-1")["synced"])
+    entry = sidecar_entry(status, "artist-1")
+    assert status["version"] == snap.version
+    assert (entry["acked_version"], entry["synced"], entry["status"]) == (snap.version, True, "synced")
+    assert entry["last_nack"] is None
+    assert (entry["service"], entry["address"], entry["port"]) == ("artist", "127.0.0.1", 15006)
+
+
+async def test_nack_is_shown_with_its_reason_and_changes_nothing_else(sidecars: Any, cp: Any) -> None:
+    a = await sidecars("artist-1")
+    first = await a.next_snapshot()
+    await a.ack(first)
+    b = await sidecars("song-1", "song")
+    second = await a.snapshot_where(lambda s: len(s.services) == 2)
+    await a.ack(second, accepted=False, detail="endpoint 127.0.0.1:15006 fails validation")
+    status = await wait_status(cp, lambda st: sidecar_entry(st, "artist-1")["status"] == "nacked")
+    entry = sidecar_entry(status, "artist-1")
+    assert entry["status"] == "nacked" and entry["synced"] is False
+    assert entry["acked_version"] == first.version
+    assert entry["last_nack"] == {"version": second.version,
+                                  "reason": "endpoint 127.0.0.1:15006 fails validation"}
+    # the registry and the version did not move: no new push, both still registered
+    assert status["version"] == second.version
+    assert {s["node_id"] for s in status["sidecars"]} == {"artist-1", "song-1"}
+    with pytest.raises(TimeoutError):
+        await a.next_snapshot(timeout=0.3)
+    assert b.call.done() is False
+
+
+async def test_ack_with_unknown_nonce_is_ignored(sidecars: Any, cp: Any) -> None:
+    a = await sidecars("artist-1")
+    snap = await a.next_snapshot()
+    await a.ack(snap, nonce="not-a-nonce-we-sent")
+    await asyncio.sleep(0.2)
+    entry = sidecar_entry(await get_status(cp), "artist-1")
+    assert entry["acked_version"] is None and entry["status"] == "behind"
+    assert not a.call.done()
+    await a.ack(snap)
+    status = await wait_status(cp, lambda st: sidecar_entry(st, "artist-1")["synced"])
+    assert sidecar_entry(status, "artist-1")["acked_version"] == snap.version
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+BAD_FIRST_MESSAGES = {
+    "empty service": discovery_pb2.DiscoveryRequest(hello=discovery_pb2.Hello(
+        node_id="x-1", service="", address="127.0.0.1", port=15006)),
+    "service not a DNS label": discovery_pb2.DiscoveryRequest(hello=discovery_pb2.Hello(
+        node_id="x-1", service="Artist_Svc", address="127.0.0.1", port=15006)),
+    "empty node_id": discovery_pb2.DiscoveryRequest(hello=discovery_pb2.Hello(
+        node_id="", service="artist", address="127.0.0.1", port=15006)),
+    "port 0": discovery_pb2.DiscoveryRequest(hello=discovery_pb2.Hello(
+        node_id="x-1", service="artist", address="127.0.0.1", port=0)),
+    "port 70000": discovery_pb2.DiscoveryRequest(hello=discovery_pb2.Hello(
+        node_id="x-1", service="artist", address="127.0.0.1", port=70000)),
+    "bad address": discovery_pb2.DiscoveryRequest(hello=discovery_pb2.Hello(
+        node_id="x-1", service="artist", address="artist.local", port=15006)),
+    "first message an ack": discovery_pb2.DiscoveryRequest(ack=discovery_pb2.Ack(version="1", nonce="1")),
+    "empty first message": discovery_pb2.DiscoveryRequest(),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FIRST_MESSAGES))
+async def test_bad_first_message_is_refused_and_other_sidecars_still_get_pushes(
+        case: str, sidecars: Any, cp: Any) -> None:
+    good = await sidecars("artist-1")
+    await good.next_snapshot()
+    bad = FakeSidecar(target(cp), "ignored")
+    try:
+        await bad.send(BAD_FIRST_MESSAGES[case])
+        assert await bad.status_code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "invalid hello" in await bad.call.details()
+    finally:
+        await bad.close()
+    await sidecars("song-1", "song")
+    snap = await good.snapshot_where(lambda s: len(s.services) == 2, timeout=1.0)
+    assert instances(snap) == {"artist": {"artist-1"}, "song": {"song-1"}}
+    assert cp.plane.metrics.rejected_hellos._value.get() == 1
+
+
+@pytest.mark.parametrize("garbage", ["second hello", "empty message"])
+async def test_garbage_after_hello_aborts_that_stream_only(garbage: str, sidecars: Any, cp: Any) -> None:
+    good = await sidecars("artist-1")
+    await good.next_snapshot()
+    bad = await sidecars("song-1", "song")
+    await bad.next_snapshot()
+    await good.snapshot_where(lambda s: len(s.services) == 2)
+    message = (discovery_pb2.DiscoveryRequest(hello=bad.hello) if garbage == "second hello"
+               else discovery_pb2.DiscoveryRequest())
+    await bad.send(message)
+    assert await bad.status_code() == grpc.StatusCode.INVALID_ARGUMENT
+    # the bad one left; the good one is told and stays connected
+    snap = await good.snapshot_where(lambda s: len(s.services) == 1, timeout=1.0)
+    assert instances(snap) == {"artist": {"artist-1"}}
+    assert not good.call.done()
+
+
+# --- warm-up (restart safety) ---------------------------------------------------------------
+
+async def test_hello_naming_known_instances_holds_pushes_until_they_register(make_cp: CpFactory) -> None:
+    cp = await make_cp(warmup_timeout=5.0)
+    known = ["artist-1", "song-1", "image-1"]
+    a = await FakeSidecar(target(cp), "artist-1", "artist", known_instances=known, last_version="5").send_hello()
+    s = await FakeSidecar(target(cp), "song-1", "song", known_instances=known, last_version="5").send_hello()
+    try:
+        with pytest.raises(TimeoutError):
+            await a.next_snapshot(timeout=0.4)
+        assert (await get_status(cp))["warming_up"] is True
+        i = await FakeSidecar(target(cp), "image-1", "image", known_instances=known).send_hello()
+        started = time.monotonic()
+        first = await a.next_snapshot(timeout=1.0)
+        assert time.monotonic() - started < 0.5
+        # the very first snapshot anyone sees already holds every known instance
+        assert instances(first) == {"artist": {"artist-1"}, "song": {"song-1"}, "image": {"image-1"}}
+        assert instances(await s.next_snapshot()) == instances(first)
+        assert instances(await i.next_snapshot()) == instances(first)
+        status = await get_status(cp)
+        assert status["warming_up"] is False
+        assert status["warmup"]["reason"] == "all_known_registered"
+        await i.close()
+    finally:
+        await a.close()
+        await s.close()
+
+
+async def test_warmup_gives_up_waiting_after_its_timeout(make_cp: CpFactory) -> None:
+    cp = await make_cp(warmup_timeout=0.6)
+    a = await FakeSidecar(target(cp), "artist-1", known_instances=["artist-1", "artist-2"]).send_hello()
+    try:
+        started = time.monotonic()
+        snap = await a.next_snapshot(timeout=3.0)
+        waited = time.monotonic() - started
+        assert 0.5 <= waited < 1.5, waited
+        assert instances(snap) == {"artist": {"artist-1"}}
+        status = await get_status(cp)
+        assert status["warmup"] == {"ended": True, "reason": "timeout", "missing": ["artist-2"], "timeout_s": 0.6}
+    finally:
+        await a.close()
+
+
+async def test_hello_without_known_instances_is_answered_at_once(make_cp: CpFactory) -> None:
+    cp = await make_cp(warmup_timeout=5.0)
+    a = await FakeSidecar(target(cp), "artist-1").send_hello()
+    try:
+        started = time.monotonic()
+        await a.next_snapshot(timeout=1.0)
+        assert time.monotonic() - started < 0.3
+        assert (await get_status(cp))["warming_up"] is False
+    finally:
+        await a.close()
