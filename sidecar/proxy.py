@@ -661,7 +661,7 @@ class Exchange:
         self.response_started = True
         self.resp_status = err.status
         close = not self.keep_alive or not self.req_done and self.req_framing != Framing.NONE and self.http10
-        route = self._route_value() if self.route else b"error"
+        route = self._route_value() if self.route else self._mode_value()
         self.out.append(http1.error_response(err.status, err.to_json(), route=route, close=close, extra=extra))
         self.keep_alive = self.keep_alive and not close
         self._finish()
@@ -734,6 +734,12 @@ class Exchange:
             self.down.resume_reading()
 
     # ----- small helpers -----
+
+    def _mode_value(self) -> bytes:
+        """For answers no endpoint gave: the source that was consulted (the current mode)."""
+        if self.ctx.book is None:
+            return b"inbound"
+        return self.ctx.book.mode.value.encode()
 
     def _route_value(self) -> bytes:
         if self.ctx.direction == INBOUND:

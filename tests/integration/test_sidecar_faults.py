@@ -82,6 +82,7 @@ async def test_unknown_service_gets_503_json_naming_it(sc: RunningSidecar) -> No
     doc = json.loads(body)
     assert doc["service"] == "nosuchservice" and doc["status"] == 503
     assert "nosuchservice" in doc["error"]
+    assert headers["x-sidemesh-route"] == "controlplane"  # the source that was consulted and said no
     # the connection and the sidecar stay fine
     status, _, _ = await sc.get("http://artist/artists/1")
     assert status == 200

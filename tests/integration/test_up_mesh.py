@@ -137,6 +137,36 @@ def test_up_is_ready_within_5s_and_serves_song_details(mesh: Mesh) -> None:
     assert names["artist-1"]["app_pid"] and names["artist-1"]["sidecar_pid"]
 
 
+def _inbound_count(pod: dict[str, Any]) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{pod['address']}:{pod['ports']['admin']}/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "sidemesh_requests_total" and sample.labels["direction"] == "inbound":
+                total += sample.value
+    return total
+
+
+def test_a_song_details_call_is_counted_inbound_by_each_of_the_three_sidecars(mesh: Mesh) -> None:
+    """Issue 2 point 2: the request went through the mesh, and every sidecar agrees with the control plane."""
+    pods = {p["name"]: p for p in mesh.running_pods()}
+    before = {name: _inbound_count(p) for name, p in pods.items()}
+    doc = _get_json(mesh.url("/songs/5/details"))
+    assert doc["via"] == {"artist": "controlplane", "image": "controlplane"}
+    after = {name: _inbound_count(p) for name, p in pods.items()}
+    print(f"\ninbound requests counted: { {n: after[n] - before[n] for n in pods} }")
+    assert {n: after[n] - before[n] for n in pods} == {"song-1": 1, "artist-1": 1, "image-1": 1}
+    cp = _get_json(f"http://{mesh.subnet}.2:15014/status")
+    acked = {s["node_id"]: s["acked_version"] for s in cp["sidecars"]}
+    for name, p in pods.items():
+        state = _get_json(f"http://{p['address']}:{p['ports']['admin']}/state")
+        assert state["mode"] == "controlplane"
+        assert state["route_version"] == acked[name] == cp["version"]
+
+
 def test_dns_server_follows_the_running_pods(mesh: Mesh) -> None:
     mesh_info = _get_json(f"http://{mesh.control}/mesh")
     records = _get_json(f"http://{mesh_info['dns']['api']}/records")
