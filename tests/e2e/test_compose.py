@@ -1,0 +1,268 @@
+"""End to end against ``docker compose``: the outage of 8 March 2022, staged as a user would.
+
+Issue 4, "What it must show": song-details through the mesh; under steady load the control
+plane is killed and restarted with zero failed requests, every sidecar in ``dns`` within 2 s
+and back on the control plane within 5 s; both artist replicas serve before and during the
+outage and stopping one of them costs nothing; ``down`` leaves nothing and a second ``up``
+works. The figures measured are printed (run with ``-s`` to see them).
+
+The load is an aiohttp client on the host, bounded in rate, count and time, against song's
+front door published on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+
+from services.catalogue import default_catalogue
+from tests.e2e.conftest import SIDECARS, Mesh
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
+
+RATE_PER_S = 50.0
+MAX_REQUESTS = 6000
+MAX_LOAD_S = 110.0
+REQUEST_TIMEOUT_S = 5.0
+SONG_IDS = sorted(default_catalogue().songs)  # every song of the demo catalogue
+TO_DNS_LIMIT_S = 2.0
+BACK_LIMIT_S = 5.0
+STEADY_S = 2.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """One request of the load: when it started, how it ended, which artist replica served it."""
+
+    started: float  # time.time(), comparable with the sidecars' own timestamps
+    status: int  # 0 = no HTTP answer (connection error, timeout)
+    artist_served_by: str | None
+    error: str | None
+
+
+@dataclass
+class Load:
+    """Steady load against song-details from a background thread with its own event loop."""
+
+    url: str
+    rate: float = RATE_PER_S
+    results: list[Result] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Load:
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="load", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[Result]:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=REQUEST_TIMEOUT_S + 10)
+        return list(self.results)
+
+    async def _run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+        # trust_env=False: never through a proxy the host's environment may name
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+            tasks: set[asyncio.Task[None]] = set()
+            started = time.monotonic()
+            for n in range(MAX_REQUESTS):
+                if self._stop.is_set() or time.monotonic() - started > MAX_LOAD_S:
+                    break
+                song_id = SONG_IDS[n % len(SONG_IDS)]
+                task = asyncio.create_task(self._one(session, song_id))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                # fixed schedule, so a slow answer does not slow the offered load
+                await asyncio.sleep(max(0.0, started + (n + 1) / self.rate - time.monotonic()))
+            if tasks:
+                await asyncio.wait(tasks)
+
+    async def _one(self, session: aiohttp.ClientSession, song_id: int) -> None:
+        started = time.time()
+        try:
+            async with session.get(f"{self.url}/songs/{song_id}/details") as resp:
+                body: Any = await resp.json(content_type=None)
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            self.results.append(Result(started, 0, None, f"{type(exc).__name__}: {exc}"))
+            return
+        error = None if status == 200 else str(body)[:300]
+        served_by = None
+        if status == 200:
+            missing = [k for k in ("song", "artist", "image") if not isinstance(body.get(k), dict)]
+            if missing:
+                error = f"200 without {missing}: {str(body)[:300]}"
+            else:
+                served_by = body["artist"].get("served_by")
+        self.results.append(Result(started, status, served_by, error))
+
+
+def failures(results: list[Result]) -> list[Result]:
+    return [r for r in results if r.status != 200 or r.error is not None]
+
+
+def describe(results: list[Result]) -> str:
+    bad = failures(results)
+    codes = Counter(r.status for r in results)
+    text = f"{len(results)} requests, {len(bad)} failed, status counts {dict(codes)}"
+    for r in bad[:8]:
+        text += f"\n  at {r.started:.3f}: status={r.status} error={r.error}"
+    return text
+
+
+def replicas(results: list[Result], since: float, until: float) -> Counter[str]:
+    return Counter(r.artist_served_by for r in results if since <= r.started < until and r.artist_served_by)
+
+
+def first_transition_at(state: dict[str, Any], to: str, after: float) -> float | None:
+    """When a sidecar says it entered ``to`` (its own clock, time.time()) after ``after``."""
+    times = [t["at"] for t in state.get("transitions", []) if t.get("to") == to and t.get("at", 0) >= after]
+    return min(times) if times else None
+
+
+def measured_switch(mesh: Mesh, to: str, event: tuple[float, float], limit: float,
+                    sidecars: list[str]) -> dict[str, float]:
+    """Wait until every sidecar is in ``to``; return how long after the event each one switched.
+
+    ``event`` is (when the command was issued, when docker says it took effect): a transition
+    counts if the sidecar recorded it after the command was issued, and is measured from the
+    moment docker gives (a sidecar may notice a dying peer a few ms before dockerd writes it down).
+    """
+    issued, happened = event
+    mesh.wait_for_modes(to, timeout=limit + 3.0, sidecars=sidecars)
+    took: dict[str, float] = {}
+    for name, state in mesh.sidecar_states(sidecars).items():
+        at = first_transition_at(state, to, issued)
+        assert at is not None, f"{name} is in {to} but recorded no transition to it: {state.get('transitions')}"
+        # negative: the sidecar saw the stream break a few ms before dockerd recorded the death
+        took[name] = at - happened
+    return took
+
+
+def kill_controlplane(mesh: Mesh) -> tuple[float, float]:
+    """``docker compose kill controlplane``; (issued, when docker says the container died)."""
+    issued = time.time()
+    mesh.run("kill", "controlplane")
+    return issued, mesh.container_time("controlplane", "FinishedAt")
+
+
+def start_controlplane(mesh: Mesh) -> tuple[float, float]:
+    """``docker compose start controlplane``; (issued, when docker says the container started)."""
+    issued = time.time()
+    mesh.run("start", "controlplane")
+    return issued, mesh.container_time("controlplane", "StartedAt")
+
+
+def test_song_details_answers_with_song_artist_and_image_through_the_mesh(healthy_mesh: Mesh) -> None:
+    status, doc, headers = healthy_mesh.details(7)
+
+    assert status == 200, doc
+    assert doc["song"]["id"] == 7
+    assert doc["artist"]["id"] == doc["song"]["artist_id"]
+    assert doc["image"]["id"] == doc["song"]["image_id"]
+    # song asked for artist and image through its sidecar, which routed from the control plane
+    assert doc["via"] == {"artist": "controlplane", "image": "controlplane"}, doc["via"]
+    assert headers.get("x-sidemesh-route") == "inbound"
+
+
+def test_every_sidecar_is_on_the_control_plane_with_both_artist_replicas(healthy_mesh: Mesh) -> None:
+    states = healthy_mesh.sidecar_states()
+
+    assert {name: s.get("mode") for name, s in states.items()} == {name: "controlplane" for name in SIDECARS}
+    artist = states["song-sidecar"]["services"]["artist"]
+    assert sorted(e["instance"] for e in artist["endpoints"]) == ["artist-1", "artist-2"], artist
+
+
+def test_sidecars_fall_back_to_dns_and_back_without_a_failed_request(healthy_mesh: Mesh) -> None:
+    mesh = healthy_mesh
+    sidecars = list(SIDECARS)
+    load = Load(mesh.base_url).start()
+    try:
+        time.sleep(STEADY_S)
+        killed = kill_controlplane(mesh)
+        to_dns = measured_switch(mesh, "dns", killed, TO_DNS_LIMIT_S, sidecars)
+        in_dns = time.time()
+        time.sleep(STEADY_S * 1.5)  # serve a while from DNS
+        restarted = start_controlplane(mesh)
+        back = measured_switch(mesh, "controlplane", restarted, BACK_LIMIT_S, sidecars)
+        time.sleep(STEADY_S)
+    finally:
+        results = load.stop()
+    before = replicas(results, 0, killed[0])
+    during = replicas(results, in_dns, restarted[0])
+    print(f"\n[outage] {describe(results)}"
+          f"\n[outage] time to dns per sidecar (s): { {k: round(v, 3) for k, v in to_dns.items()} }"
+          f"\n[outage] time back on the control plane per sidecar (s): { {k: round(v, 3) for k, v in back.items()} }"
+          f"\n[outage] artist replicas before: {dict(before)}, during the outage: {dict(during)}")
+
+    assert not failures(results), describe(results)
+    assert len(results) >= RATE_PER_S * (STEADY_S * 3), f"load too thin to mean anything: {describe(results)}"
+    assert max(to_dns.values()) <= TO_DNS_LIMIT_S, f"a sidecar took more than {TO_DNS_LIMIT_S}s to reach dns: {to_dns}"
+    assert max(back.values()) <= BACK_LIMIT_S, f"a sidecar took more than {BACK_LIMIT_S}s to come back: {back}"
+    assert set(before) == {"artist-1", "artist-2"}, f"before the outage only {dict(before)} served"
+    assert set(during) == {"artist-1", "artist-2"}, f"during the outage only {dict(during)} served"
+
+
+def test_stopping_an_artist_replica_during_the_outage_fails_no_request(healthy_mesh: Mesh) -> None:
+    mesh = healthy_mesh
+    survivors = ["song-sidecar", "artist-1-sidecar", "image-sidecar"]
+    marks: dict[str, float] = {}
+    load = Load(mesh.base_url).start()
+    t0 = time.monotonic()
+    try:
+        time.sleep(STEADY_S)
+        killed = kill_controlplane(mesh)
+        marks["killed"] = time.monotonic() - t0
+        measured_switch(mesh, "dns", killed, TO_DNS_LIMIT_S, list(SIDECARS))
+        marks["all_dns"] = time.monotonic() - t0
+        time.sleep(STEADY_S / 2)
+        stopped = time.time()
+        # the replica is its pod: the sidecar first, then the app (the order compose itself uses)
+        mesh.run("stop", "artist-2-sidecar", "artist-2")
+        stop_took = time.time() - stopped
+        marks["artist_2_stopped"] = time.monotonic() - t0
+        time.sleep(STEADY_S * 1.5)
+        restarted = start_controlplane(mesh)
+        marks["controlplane_started"] = time.monotonic() - t0
+        back = measured_switch(mesh, "controlplane", restarted, BACK_LIMIT_S, survivors)
+        marks["all_back"] = time.monotonic() - t0
+        time.sleep(STEADY_S)
+    finally:
+        results = load.stop()
+    after_stop = replicas(results, stopped + stop_took + 1.0, restarted[0])
+    print(f"\n[replica stop] {describe(results)}"
+          f"\n[replica stop] `stop artist-2-sidecar artist-2` took {stop_took:.2f}s; artist replicas after it: "
+          f"{dict(after_stop)}"
+          f"\n[replica stop] time back on the control plane (s): { {k: round(v, 3) for k, v in back.items()} }"
+          f"\n[replica stop] phases (s since load start): { {k: round(v, 2) for k, v in marks.items()} }")
+
+    assert not failures(results), describe(results)
+    assert set(after_stop) == {"artist-1"}, f"after artist-2 stopped, served by {dict(after_stop)}"
+    assert max(back.values()) <= BACK_LIMIT_S, back
+    song_state = mesh.sidecar_states(["song-sidecar"])["song-sidecar"]
+    instances = [e["instance"] for e in song_state["services"]["artist"]["endpoints"]]
+    assert instances == ["artist-1"], f"the control plane still routes to a stopped replica: {instances}"
+
+
+def test_down_leaves_nothing_running_and_a_second_up_works(mesh: Mesh) -> None:
+    started = time.monotonic()
+    mesh.down()
+    down_took = time.monotonic() - started
+
+    assert mesh.leftovers() == {"containers": [], "networks": []}
+
+    started = time.monotonic()
+    mesh.up()
+    ready = mesh.wait_until_serving()
+    print(f"\n[down/up] down took {down_took:.1f}s; second up + ready took {time.monotonic() - started:.1f}s")
+    status, doc, _ = mesh.details(1)
+    assert status == 200, doc
