@@ -7,15 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from sidecar.metrics import render
+from sidecar.metrics import MetricsExporter
 from sidecar.routing import RouteBook
 
 
 def build_admin_app(
     book: RouteBook,
-    registry: CollectorRegistry,
+    exporter: MetricsExporter,
     describe: Callable[[], dict[str, Any]],
 ) -> web.Application:
     async def ready(_: web.Request) -> web.Response:
@@ -27,7 +26,8 @@ def build_admin_app(
         return web.json_response({**describe(), **book.state(), "now": time.time()})
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body, content_type = exporter.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     app = web.Application()
     app.router.add_get("/ready", ready)

@@ -22,7 +22,7 @@ from sidecar.backoff import BackoffPolicy, ExpBackoff
 from sidecar.balancer import EndpointHealth, ResolvedRoute
 from sidecar.config import SidecarConfig, parse_config
 from sidecar.discovery import DiscoveryClient, Identity, StreamSettings
-from sidecar.metrics import SidecarMetrics, make_registry
+from sidecar.metrics import MetricsExporter, SidecarMetrics
 from sidecar.model import Endpoint, Policy, Source
 from sidecar.proxy import INBOUND, OUTBOUND, DownstreamConnection, ProxyContext
 from sidecar.routing import RouteBook
@@ -44,7 +44,7 @@ class Sidecar:
         )
         self.metrics = SidecarMetrics()
         self.pool = UpstreamPool(connect_timeout_s=config.connect_timeout_s)
-        self.registry = make_registry(self.metrics, self.book, self.pool, service=config.service, instance=config.instance)
+        self.exporter = MetricsExporter(self.metrics, self.book, self.pool, service=config.service, instance=config.instance)
         self.outbound = ProxyContext(OUTBOUND, pool=self.pool, metrics=self.metrics, book=self.book)
         app_ep = Endpoint(config.app[0], config.app[1], "app")
         app_route = ResolvedRoute("app", (app_ep,), Source.CONTROLPLANE, self.health, Policy(timeout_s=config.app_timeout_s, retries=1))
@@ -138,7 +138,7 @@ class Sidecar:
 def build_admin_app_for(sidecar: Sidecar) -> web.Application:
     from sidecar.admin import build_admin_app
 
-    return build_admin_app(sidecar.book, sidecar.registry, sidecar.describe)
+    return build_admin_app(sidecar.book, sidecar.exporter, sidecar.describe)
 
 
 async def serve(config: SidecarConfig) -> int:

@@ -112,6 +112,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                    help=f"DNS server HOST[:PORT] for the fallback, repeatable (default: /etc/resolv.conf; ${ENV_DNS_SERVER}, comma-separated)")
     p.add_argument("--dns-template", default=env.get(ENV_DNS_TEMPLATE, "{service}"), help=f"DNS name of a service, e.g. '{{service}}.mesh.local' (default '{{service}}'; ${ENV_DNS_TEMPLATE})")
     p.add_argument("--dns-timeout", type=_positive, default=1.0, help="seconds per DNS lookup (default 1)")
+    p.add_argument("--dns-max-ttl", type=_positive, default=5.0,
+                   help="cap on how long a DNS answer is trusted, whatever its TTL (default 5; Docker's DNS says 600)")
     p.add_argument("--extra-inbound", action="append", type=_hostport, default=[], help="another HOST:PORT to serve inbound traffic on, repeatable (sidemesh up publishes song on 127.0.0.1:8080 this way)")
     p.add_argument("--initial-fetch-timeout", type=_positive, default=2.0, help="seconds to wait for the first snapshot before serving through DNS (default 2)")
     p.add_argument("--connect-timeout", type=_positive, default=1.0, help="seconds to connect to an upstream endpoint (default 1)")
@@ -159,6 +161,8 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> S
             template=a.dns_template,
             port=a.inbound_port,
             timeout_s=a.dns_timeout,
+            max_ttl_s=a.dns_max_ttl,
+            min_ttl_s=min(1.0, a.dns_max_ttl),
         ),
         extra_inbound=tuple(a.extra_inbound),
         initial_fetch_timeout_s=a.initial_fetch_timeout,
