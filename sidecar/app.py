@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import uvloop
-from aiohttp import web
 
 from dnsfallback import ServiceResolver
+from sidecar.admin import AdminApi, AdminConnection
 from sidecar.backoff import BackoffPolicy, ExpBackoff
 from sidecar.balancer import EndpointHealth, ResolvedRoute
 from sidecar.config import SidecarConfig, parse_config
@@ -57,7 +57,6 @@ class Sidecar:
             settings=StreamSettings(initial_fetch_timeout_s=config.initial_fetch_timeout_s),
         )
         self._servers: list[asyncio.AbstractServer] = []
-        self._admin: web.AppRunner | None = None
         self._discovery_task: asyncio.Task[None] | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -93,9 +92,10 @@ class Sidecar:
         for ctx, host, port in listeners:
             server = await loop.create_server(lambda ctx=ctx: DownstreamConnection(ctx), host, port, backlog=2048, reuse_address=True)
             self._servers.append(server)
-        self._admin = web.AppRunner(build_admin_app_for(self), access_log=None, handle_signals=False)
-        await self._admin.setup()
-        await web.TCPSite(self._admin, c.listen, c.admin_port, reuse_address=True).start()
+        admin = AdminApi(self.book, self.exporter, self.describe)
+        self._servers.append(
+            await loop.create_server(lambda: AdminConnection(admin), c.listen, c.admin_port, reuse_address=True)
+        )
         self._discovery_task = asyncio.create_task(self.discovery.run(), name="discovery")
         log.info(
             "event=sidecar_started service=%s instance=%s address=%s outbound=%s:%d inbound=%s:%d admin=%s:%d "
@@ -128,17 +128,9 @@ class Sidecar:
                 await self._discovery_task
             except asyncio.CancelledError:
                 pass
-        if self._admin is not None:
-            await self._admin.cleanup()
         await self.pool.close()
         await self.resolver.close()
         log.info("event=sidecar_stopped instance=%s", self.config.instance)
-
-
-def build_admin_app_for(sidecar: Sidecar) -> web.Application:
-    from sidecar.admin import build_admin_app
-
-    return build_admin_app(sidecar.book, sidecar.exporter, sidecar.describe)
 
 
 async def serve(config: SidecarConfig) -> int:

@@ -13,17 +13,22 @@ front door published on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from services.catalogue import default_catalogue
-from tests.e2e.conftest import SIDECARS, Mesh
+from tests.e2e.conftest import PROJECT, SIDECARS, Mesh
+from tests.support import REPO
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -251,6 +256,26 @@ def test_stopping_an_artist_replica_during_the_outage_fails_no_request(healthy_m
     song_state = mesh.sidecar_states(["song-sidecar"])["song-sidecar"]
     instances = [e["instance"] for e in song_state["services"]["artist"]["endpoints"]]
     assert instances == ["artist-1"], f"the control plane still routes to a stopped replica: {instances}"
+
+
+def test_demo_failover_against_compose_kills_and_starts_the_container_without_a_failure(
+    healthy_mesh: Mesh, tmp_path: Path
+) -> None:
+    """Issue 4: `sidemesh demo failover --compose` drives the drill against the containers."""
+    out = tmp_path / "demo.json"
+    cmd = [sys.executable, "-m", "sidemesh", "demo", "failover", "--compose",
+           "--compose-file", str(REPO / "docker-compose.yml"), "--project", PROJECT,
+           "--url", healthy_mesh.base_url + "/songs/{id}/details", "--rate", "50",
+           "--duration", "14", "--kill-at", "4", "--start-at", "8", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=healthy_mesh.env, cwd=REPO, timeout=120)
+    print(proc.stdout[-2500:])
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
+    result = json.loads(out.read_text())
+    assert result["failures"] == 0
+    assert all(result["phases"][p]["requests"] >= 150 for p in ("before", "outage", "after")), result["phases"]
+    instances = {sc["instance"] for sc in result["sidecars"]}
+    assert instances == {"artist-1", "artist-2", "image-1", "song-1"}, instances
+    assert all(sc["to_dns_after_kill_s"] is not None for sc in result["sidecars"]), result["sidecars"]
 
 
 def test_down_leaves_nothing_running_and_a_second_up_works(mesh: Mesh) -> None:

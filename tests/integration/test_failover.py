@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +19,6 @@ import pytest
 
 from sidemesh.load import LoadGenerator, LoadStats
 from tests.mesh import Mesh, get_json, running_mesh
-from tests.support import REPO
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 

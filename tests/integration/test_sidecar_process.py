@@ -78,6 +78,10 @@ async def test_50mb_response_streams_through_a_sidecar_process_without_growing_i
         proxy = f"http://{address}:15001"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=40)) as session:
             await _wait_ready(session, f"http://{address}:15000/ready")
+            await asyncio.sleep(1.0)
+            idle_kb = _kb(proc.popen.pid, "VmRSS")
+            print(f"\nidle sidecar RSS: {idle_kb / 1024:.1f} MB (issue 5 goal: under 60 MB)")
+            assert idle_kb < 60 * 1024
 
             async def fetch(mb: int, *, stall_s: float = 0.0) -> int:
                 got = 0

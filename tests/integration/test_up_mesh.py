@@ -13,19 +13,19 @@ import collections
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.support import REPO, ProcessGroup, Proc, free_port, loopback_address, loopback_subnet
+from tests.mesh import Mesh, running_mesh
+from tests.support import REPO, loopback_subnet
+from tests.mesh import get_json as _get_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,11 +36,6 @@ LOAD_CAP_S = 10.0
 LOAD_MAX_PER_CLIENT = 400
 
 
-def _get_json(url: str, timeout: float = 2.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -49,77 +44,13 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-@dataclass
-class Mesh:
-    proc: Proc
-    subnet: str
-    control: str
-    publish: str
-    ready_s: float
-    logdir: Path
-
-    def url(self, path: str) -> str:
-        return f"http://{self.publish}{path}"
-
-    def pods(self) -> list[dict[str, Any]]:
-        return list(_get_json(f"http://{self.control}/pods"))
-
-    def running_pods(self) -> list[dict[str, Any]]:
-        return [p for p in self.pods() if p["kind"] == "pod" and p["state"] == "running"]
-
-    def cli(self, *args: str, timeout: float = 40.0) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "SIDEMESH_CONTROL": self.control}
-        return subprocess.run([sys.executable, "-m", "sidemesh", *args], capture_output=True, text=True,
-                              timeout=timeout, env=env, cwd=REPO)
-
-    def status(self) -> dict[str, Any]:
-        out = self.cli("status", "--json")
-        assert out.returncode == 0, out.stderr
-        return dict(json.loads(out.stdout))
-
-    def wait_until(self, what: str, check: Any, timeout: float, interval: float = 0.02) -> float:
-        t0 = time.monotonic()
-        while True:
-            try:
-                if check():
-                    return time.monotonic() - t0
-            except (OSError, ValueError, KeyError):
-                pass
-            if time.monotonic() - t0 > timeout:
-                raise AssertionError(f"{what} not within {timeout}s\n{self.proc.log()[-4000:]}")
-            time.sleep(interval)
-
-
 @pytest.fixture(scope="module")
 def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
-    group = ProcessGroup()
-    subnet = loopback_subnet()
-    publish_host = loopback_address()
-    publish = f"{publish_host}:{free_port(publish_host)}"
-    control = f"{subnet}.1:15100"
-    t0 = time.monotonic()
-    proc = group.start("up", "up", "--subnet", subnet, "--publish", publish, "--control", control,
-                       "--dns-ttl", "1", "--log-dir", str(group.logdir / "mesh"))
-    ready_s = None
-    try:
-        deadline = t0 + 20
-        while time.monotonic() < deadline and proc.alive:
-            if "mesh ready in" in proc.log():
-                ready_s = time.monotonic() - t0
-                break
-            time.sleep(0.02)
-        assert ready_s is not None, f"sidemesh up never became ready:\n{proc.log()}"
-        m = Mesh(proc, subnet, control, publish, ready_s, group.logdir / "mesh")
+    with running_mesh() as m:
         yield m
-    finally:
-        group.close()
-        failed = [item for item in request.session.items
-                  if getattr(item, "module", None) is request.module and getattr(item, "rep_call", None)
-                  and getattr(item, "rep_call").failed]
-        if failed:
-            print(group.logs())
-            for f in sorted((group.logdir / "mesh").glob("*.log")):
-                print(f"----- {f.name} -----\n{f.read_text(errors='replace')[-3000:]}")
+        if any(getattr(item, "rep_call", None) and item.rep_call.failed for item in request.session.items
+               if item.module is request.module):
+            m.dump_logs()
 
 
 def test_up_is_ready_within_5s_and_serves_song_details(mesh: Mesh) -> None:
