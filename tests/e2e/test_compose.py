@@ -258,6 +258,24 @@ def test_stopping_an_artist_replica_during_the_outage_fails_no_request(healthy_m
     assert instances == ["artist-1"], f"the control plane still routes to a stopped replica: {instances}"
 
 
+def test_status_from_inside_song_sidecar_lists_every_sidecar_while_the_control_plane_is_down(
+    healthy_mesh: Mesh,
+) -> None:
+    """Issue 4: `docker compose exec song-sidecar sidemesh status` works during the outage."""
+    mesh = healthy_mesh
+    mesh.run("kill", "controlplane")
+    mesh.wait_for_modes("dns", 5.0)
+    out = mesh.run("exec", "-T", "song-sidecar", "sidemesh", "status", "--json", timeout=60).stdout
+    report = json.loads(out)
+    print(f"\nstatus --json from song-sidecar during the outage: {[(s['instance'], s['mode']) for s in report['sidecars']]}")
+    assert report["controlplane"]["reachable"] is False
+    assert sorted(s["instance"] for s in report["sidecars"]) == ["artist-1", "artist-2", "image-1", "song-1"]
+    for sc in report["sidecars"]:
+        assert sc["mode"] == "dns" and sc["route_version"] and sc["last_update_age_s"] is not None, sc
+    table = mesh.run("exec", "-T", "song-sidecar", "sidemesh", "status", timeout=60).stdout
+    assert "MODE" in table and table.count("dns") >= 4, table
+
+
 def test_demo_failover_against_compose_kills_and_starts_the_container_without_a_failure(
     healthy_mesh: Mesh, tmp_path: Path
 ) -> None:
