@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import BenchError, Child, Children, cpu_seconds, exit_on_sigterm, http_get, memory_mb
+from benchmarks.procs import BenchError, Child, Children, cpu_seconds, exit_on_sigterm, http_get, memory_mb, run_main
 from benchmarks.servers import CP_GRPC_PORT, CP_HTTP_PORT, REPO, start_controlplane
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "controlplane.json"
@@ -250,9 +250,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        # the with-blocks have stopped every child process by now
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -37,7 +37,7 @@ from benchmarks.loadtools import (
     WRK_DONE_LUA, WrkResult, fixed_rate_result, h2load_command, merge_wrk, parse_wrk, wrk_command,
 )
 from benchmarks.memory import format_soak, soak
-from benchmarks.procs import BenchError, Child, Children, cpu_seconds, exit_on_sigterm, memory_mb
+from benchmarks.procs import BenchError, Child, Children, cpu_seconds, exit_on_sigterm, memory_mb, run_main
 from benchmarks.report import (
     PathResult, ProxyUsage, format_table, write_json, write_plot,
 )
@@ -299,9 +299,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        # the with-blocks have stopped every child process by now
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadtools import WRK_DONE_LUA, parse_wrk, wrk_command
-from benchmarks.procs import BenchError, Child, Children, exit_on_sigterm, memory_mb
+from benchmarks.procs import BenchError, Child, Children, exit_on_sigterm, memory_mb, run_main
 from benchmarks.servers import (
     OUTBOUND_PORT, UPSTREAM_SERVICE, Layout, start_nginx, start_sidemesh_path,
 )
@@ -171,9 +171,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        # the with-blocks have stopped every child process by now
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

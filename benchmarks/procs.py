@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -167,6 +167,15 @@ def exit_on_sigterm() -> None:
 
 
 # ---------------------------------------------------------------- /proc
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """``sys.exit(main())``, with Ctrl-C reported as exit 130 (the with-blocks have stopped every child by then)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def descendants(pid: int) -> list[int]:

@@ -270,7 +270,7 @@ class Exchange:
 
     __slots__ = (
         "down", "ctx", "method", "target", "service", "headers", "keep_alive", "http10",
-        "req_lines", "req_framing", "req_done", "req_pending", "req_pending_size", "replay",
+        "req_lines", "req_framing", "req_done", "req_pending", "req_pending_size", "replay", "replay_size",
         "route", "endpoint", "upstream", "attempts", "reused", "sent_any",
         "response_started", "resp_framing_out", "resp_done", "resp_status", "resp_until_close", "far_retry",
         "timer", "out", "finished", "head_request", "_down_paused", "_up_paused",
@@ -300,6 +300,7 @@ class Exchange:
         self.req_pending: list[bytes] = []
         self.req_pending_size = 0
         self.replay: list[bytes] | None = [] if method in http1.IDEMPOTENT else None
+        self.replay_size = 0
         self.route: ResolvedRoute | None = None
         self.endpoint: Endpoint | None = None
         self.upstream: UpstreamConnection | None = None
@@ -452,7 +453,8 @@ class Exchange:
         if self.finished:
             return  # answered early (error, or upstream replied first): discard the rest
         if self.replay is not None:
-            if sum(map(len, self.replay)) + len(body) <= _REPLAY_LIMIT:
+            self.replay_size += len(body)
+            if self.replay_size <= _REPLAY_LIMIT:
                 self.replay.append(body)
             else:
                 self.replay = None
