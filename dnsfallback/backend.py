@@ -78,7 +78,7 @@ class StrictNameserver(dns.nameserver.Do53Nameserver):
         source: str | None,
         source_port: int,
         max_size: bool,
-        backend: dns.asyncbackend.Backend,  # type: ignore[name-defined]
+        backend: dns.asyncbackend.Backend,
         one_rr_per_rrset: bool = False,
         ignore_trailing: bool = False,
     ) -> dns.message.Message:

@@ -8,6 +8,7 @@ drain for ``drain_s``, close what is left, cancel the stream, close pools and re
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -90,7 +91,8 @@ class Sidecar:
             *((self.inbound, host, port) for host, port in c.extra_inbound),
         ]
         for ctx, host, port in listeners:
-            server = await loop.create_server(lambda ctx=ctx: DownstreamConnection(ctx), host, port, backlog=2048, reuse_address=True)
+            server = await loop.create_server(functools.partial(DownstreamConnection, ctx), host, port,
+                                              backlog=2048, reuse_address=True)
             self._servers.append(server)
         admin = AdminApi(self.book, self.exporter, self.describe)
         self._servers.append(

@@ -27,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -85,8 +86,9 @@ class ProxyContext:
         self.connections: set[DownstreamConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run the slow path (routing through DNS, opening a connection) as a task we can cancel on shutdown."""
+        task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
