@@ -65,10 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sidemesh status: no running `sidemesh up` at {args.control} and no sidecar admin at {args.admin}; "
               "start the mesh with `sidemesh up` (or pass --control / --admin)", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(render_table(report, now=time.time()))
+    text = json.dumps(report, indent=2) if args.json else render_table(report, now=time.time())
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # `sidemesh status | head`: the reader left; not an error of ours (Python docs, SIGPIPE note)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
