@@ -132,8 +132,8 @@ def render_table(report: Mapping[str, Any], *, now: float) -> str:
     """The human table of ``sidemesh status``; ``now`` is the wall clock (unix time)."""
     cp = report["controlplane"]
     if cp["reachable"]:
-        faults = cp.get("faults")
-        extra = f"  faults {faults}" if faults else ""
+        active = describe_faults(cp.get("faults"))
+        extra = f"  faults: {active}" if active else ""
         extra += "  (warming up)" if cp.get("warming_up") else ""
         head = f"control plane {cp['address']}: reachable, version {cp['version']}{extra}"
     else:
@@ -155,3 +155,12 @@ def render_table(report: Mapping[str, Any], *, now: float) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join([head, "", *lines])
+
+
+def describe_faults(faults: Mapping[str, Any] | None) -> str:
+    """The control plane's injected faults in words ('' when none)."""
+    if not faults:
+        return ""
+    parts = ["empty-snapshot"] if faults.get("empty_snapshot") else []
+    parts += [f"drop-service {name}" for name in faults.get("dropped_services") or []]
+    return ", ".join(parts)

@@ -145,3 +145,11 @@ def test_ctl_lines_say_what_happened() -> None:
              "pods": [{"name": "artist-1", "state": "running"}, {"name": "artist-2", "state": "running"}]}
     assert describe_scale(scale) == ("artist: started artist-2 (ready in 0.81 s); "
                                      "now artist-1 running, artist-2 running")
+
+
+def test_faults_are_described_in_words_and_nothing_when_none() -> None:
+    from sidemesh.statusreport import describe_faults
+
+    assert describe_faults({"empty_snapshot": False, "dropped_services": []}) == ""
+    assert describe_faults(None) == ""
+    assert describe_faults({"empty_snapshot": True, "dropped_services": ["artist"]}) == "empty-snapshot, drop-service artist"
