@@ -165,6 +165,7 @@ class Supervisor:
         t0 = self._clock()
         results = await asyncio.gather(*(self._await_ready(u, t0 + timeout) for u in units))
         self._dirty.set()
+        await self._await_converged(t0 + timeout)
         return {u.spec.name: (None if r is None else r - t0) for u, r in zip(units, results, strict=True)}
 
     async def close(self) -> None:
@@ -206,7 +207,9 @@ class Supervisor:
             await self._spawn(u)
             await self._await_ready(u, self._clock() + READY_TIMEOUT_S)
 
-        return await self._act(name, start_one)
+        done = await self._act(name, start_one)
+        await self._await_converged(self._clock() + READY_TIMEOUT_S)
+        return done
 
     async def scale(self, service: str, replicas: object) -> dict[str, Any]:
         """Run replicas 1..N of SERVICE; stop and remove those above N. Waits for new pods to be ready."""
@@ -235,6 +238,7 @@ class Supervisor:
                 del self.units[u.spec.name]
             ready = await asyncio.gather(*(self._await_ready(u, t0 + READY_TIMEOUT_S) for u in units))
             self._dirty.set()
+            await self._await_converged(t0 + READY_TIMEOUT_S)
         return {
             "service": service, "replicas": n,
             "started": [u.spec.name for u in units], "removed": [u.spec.name for u in removed],
@@ -334,6 +338,28 @@ class Supervisor:
             await asyncio.sleep(POLL_S)
         log.warning("event=not_ready name=%s after_s=%.1f", unit.spec.name, READY_TIMEOUT_S)
         return None
+
+    async def _await_converged(self, deadline: float) -> None:
+        """While the control plane runs: wait until it reports every running pod's sidecar synced
+        on its current version, so "ready" means every table already holds every pod (a sidecar
+        that is /ready may still lack a peer that registered a moment later)."""
+        cp = next((u for u in self.units.values() if u.spec.kind == "controlplane"), None)
+        while cp is not None and cp.state == "running" and self._clock() < deadline:
+            pods = {u.spec.name for u in self.units.values() if u.spec.kind == "pod" and u.state == "running" and u.ready}
+            status = await self._get_json(f"http://{cp.spec.address}:{CP_HTTP_PORT}/status")
+            if isinstance(status, dict):
+                synced = {s.get("node_id") for s in status.get("sidecars") or [] if s.get("status") == "synced"}
+                if pods <= synced:
+                    return
+            await asyncio.sleep(POLL_S)
+
+    async def _get_json(self, url: str) -> Any:
+        assert self._session is not None
+        try:
+            async with self._session.get(url) as resp:
+                return await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return None
 
     async def _is_ready(self, spec: UnitSpec) -> bool:
         if spec.kind == "controlplane":
