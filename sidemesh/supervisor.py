@@ -382,7 +382,9 @@ class Supervisor:
     # ---- DNS records -----------------------------------------------------
 
     def records(self) -> dict[str, list[str]]:
-        return dns_records((u.spec, "running" if u.state == "running" and u.ready else u.state)
+        # a pod enters DNS only once it answers (app port open, sidecar /ready): a record for a pod
+        # whose app is still starting sends callers to a 503 and gets the pod ejected
+        return dns_records((u.spec, u.state if u.ready or u.state != "running" else "starting")
                            for u in self.units.values())
 
     async def _records_loop(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sidemesh.layout import (
@@ -153,3 +155,18 @@ def test_names_resolve_to_one_unit_a_whole_service_or_a_clear_error() -> None:
         resolve_target("artist-3", specs)
     with pytest.raises(LayoutError, match="no replicas"):
         resolve_target("image", [s for s in specs if s.service != "image"])
+
+
+async def test_a_pod_enters_dns_only_once_it_is_ready(tmp_path: Path) -> None:
+    """A record for a pod whose app is still starting would send callers to a 503 (seen in CI)."""
+    from sidemesh.supervisor import Supervisor, Unit
+
+    layout = MeshLayout()
+    sup = Supervisor(layout, tmp_path)
+    one, two = Unit(layout.pod("artist", 1), state="running", ready=True), Unit(layout.pod("artist", 2), state="running")
+    sup.units = {"artist-1": one, "artist-2": two}
+    assert sup.records() == {"artist": [one.spec.address]}
+    two.ready = True
+    assert sup.records() == {"artist": [one.spec.address, two.spec.address]}
+    two.state = "killed"
+    assert sup.records() == {"artist": [one.spec.address]}
