@@ -104,6 +104,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.active: Exchange | None = None  # the request being answered
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
         self.closing = False
+        self.half_closed = False  # the client sent EOF: answer what is in flight, then close
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._paused = 0
@@ -135,7 +136,7 @@ class DownstreamConnection(asyncio.Protocol):
         # the client half-closed: finish what is in flight, then close
         if self.active is None and self.receiving is None:
             return False
-        self.closing_after_active = True
+        self.half_closed = True
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -207,7 +208,7 @@ class DownstreamConnection(asyncio.Protocol):
         if ex is not self.active:
             return
         self.active = None
-        if not keep_alive or self.closing or getattr(self, "closing_after_active", False) and not self.queue:
+        if not keep_alive or self.closing or (self.half_closed and not self.queue):
             self.close()
             return
         if self.queue:
