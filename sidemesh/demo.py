@@ -26,7 +26,7 @@ import uvloop
 
 from sidemesh import status as status_mod
 from sidemesh.ctl import DEFAULT_CONTROL, ENV_CONTROL, ControlClient, CtlError
-from sidemesh.load import LoadGenerator, Result, summarize
+from sidemesh.load import LoadGenerator, Result, song_details_problem, summarize
 
 PHASES = ("before", "outage", "after")
 
@@ -186,7 +186,8 @@ async def run_failover(args: argparse.Namespace) -> dict[str, Any]:
     )
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         await mesh.check(session)
-        load = LoadGenerator(lambda i: args.url.format(id=i % 20 + 1), rate=args.rate, duration_s=plan.duration_s)
+        load = LoadGenerator(lambda i: args.url.format(id=i % 20 + 1), rate=args.rate, duration_s=plan.duration_s,
+                             check=song_details_problem if "/details" in args.url else None)
         latest: dict[str, Any] = {}
         stop = asyncio.Event()
         poller = asyncio.create_task(_poll_modes(mesh, latest, stop))

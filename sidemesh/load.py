@@ -4,7 +4,8 @@ Requests start on a fixed schedule (``rate`` per second) whatever the latency, s
 outage shows up as failures or latency instead of silently slowing the load down;
 ``max_in_flight`` bounds concurrency and ``duration_s`` bounds time, so a run always
 ends. Each result records when it started, how long it took, and whether it failed
-(anything but a 200 with a JSON object body counts as a failure).
+(anything but a 200 with a JSON object body counts as a failure, and so does a body that
+``check`` finds wrong).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class LoadStats:
         return [r for r in self.results if not r.ok]
 
 
+def song_details_problem(doc: dict[str, object]) -> str | None:
+    """What is wrong with a song-details document, or None: it must hold song, artist and image."""
+    missing = [k for k in ("song", "artist", "image") if not isinstance(doc.get(k), dict)]
+    return f"200 without {missing}: {str(doc)[:200]}" if missing else None
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100); 0.0 for no values."""
     if not values:
@@ -78,6 +85,7 @@ class LoadGenerator:
         max_in_flight: int = 200,
         timeout_s: float = 10.0,
         keep_bodies: bool = False,
+        check: Callable[[dict[str, object]], str | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if rate <= 0 or duration_s <= 0:
@@ -88,6 +96,7 @@ class LoadGenerator:
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
         self.keep_bodies = keep_bodies
+        self.check = check
         self.stats = LoadStats()
         self._clock = clock
         self._stop = asyncio.Event()
@@ -137,8 +146,9 @@ class LoadGenerator:
                     error = f"HTTP {status}: {str(data)[:200]}"
                 elif not isinstance(data, dict):
                     error = "response is not a JSON object"
-                elif self.keep_bodies:
-                    body = data
+                else:
+                    error = self.check(data) if self.check else None
+                    body = data if self.keep_bodies else None
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         finally:

@@ -19,21 +19,20 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from services.catalogue import default_catalogue
+from sidemesh.load import LoadGenerator, song_details_problem
 from tests.e2e.conftest import PROJECT, SIDECARS, Mesh
 from tests.support import REPO
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
 RATE_PER_S = 50.0
-MAX_REQUESTS = 6000
 MAX_LOAD_S = 110.0
 REQUEST_TIMEOUT_S = 5.0
 SONG_IDS = sorted(default_catalogue().songs)  # every song of the demo catalogue
@@ -54,61 +53,42 @@ class Result:
 
 @dataclass
 class Load:
-    """Steady load against song-details from a background thread with its own event loop."""
+    """Steady load against song-details (sidemesh.load, the demo's own load) from a background
+    thread with its own event loop, so the test can steer compose meanwhile."""
 
     url: str
     rate: float = RATE_PER_S
-    results: list[Result] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
+    _gen: LoadGenerator | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
 
     def start(self) -> Load:
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="load", daemon=True)
+        self._gen = LoadGenerator(
+            lambda n: f"{self.url}/songs/{SONG_IDS[n % len(SONG_IDS)]}/details",
+            rate=self.rate, duration_s=MAX_LOAD_S, timeout_s=REQUEST_TIMEOUT_S,
+            keep_bodies=True, check=song_details_problem,
+        )
+        ready = threading.Event()
+
+        async def run() -> None:
+            self._loop = asyncio.get_running_loop()
+            ready.set()
+            assert self._gen is not None
+            await self._gen.run()
+
+        self._thread = threading.Thread(target=lambda: asyncio.run(run()), name="load", daemon=True)
         self._thread.start()
+        ready.wait(5)
         return self
 
     def stop(self) -> list[Result]:
-        self._stop.set()
-        assert self._thread is not None
+        assert self._gen is not None and self._loop is not None and self._thread is not None
+        self._loop.call_soon_threadsafe(self._gen.stop)
         self._thread.join(timeout=REQUEST_TIMEOUT_S + 10)
-        return list(self.results)
-
-    async def _run(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-        # trust_env=False: never through a proxy the host's environment may name
-        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
-            tasks: set[asyncio.Task[None]] = set()
-            started = time.monotonic()
-            for n in range(MAX_REQUESTS):
-                if self._stop.is_set() or time.monotonic() - started > MAX_LOAD_S:
-                    break
-                song_id = SONG_IDS[n % len(SONG_IDS)]
-                task = asyncio.create_task(self._one(session, song_id))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                # fixed schedule, so a slow answer does not slow the offered load
-                await asyncio.sleep(max(0.0, started + (n + 1) / self.rate - time.monotonic()))
-            if tasks:
-                await asyncio.wait(tasks)
-
-    async def _one(self, session: aiohttp.ClientSession, song_id: int) -> None:
-        started = time.time()
-        try:
-            async with session.get(f"{self.url}/songs/{song_id}/details") as resp:
-                body: Any = await resp.json(content_type=None)
-                status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            self.results.append(Result(started, 0, None, f"{type(exc).__name__}: {exc}"))
-            return
-        error = None if status == 200 else str(body)[:300]
-        served_by = None
-        if status == 200:
-            missing = [k for k in ("song", "artist", "image") if not isinstance(body.get(k), dict)]
-            if missing:
-                error = f"200 without {missing}: {str(body)[:300]}"
-            else:
-                served_by = body["artist"].get("served_by")
-        self.results.append(Result(started, status, served_by, error))
+        return [
+            Result(r.started, r.status, str(r.body["artist"]["served_by"]) if r.body else None, r.error)
+            for r in self._gen.stats.results
+        ]
 
 
 def failures(results: list[Result]) -> list[Result]:
@@ -305,7 +285,7 @@ def test_down_leaves_nothing_running_and_a_second_up_works(mesh: Mesh) -> None:
 
     started = time.monotonic()
     mesh.up()
-    ready = mesh.wait_until_serving()
+    mesh.wait_until_serving()
     print(f"\n[down/up] down took {down_took:.1f}s; second up + ready took {time.monotonic() - started:.1f}s")
     status, doc, _ = mesh.details(1)
     assert status == 200, doc

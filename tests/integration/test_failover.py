@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from sidemesh.load import LoadGenerator, LoadStats
+from sidemesh.load import LoadGenerator, LoadStats, song_details_problem
 from tests.mesh import Mesh, get_json, running_mesh
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -34,7 +34,7 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
 
 def _load(mesh: Mesh, *, rate: float, duration_s: float, keep_bodies: bool = False) -> LoadGenerator:
     return LoadGenerator(lambda i: mesh.url(f"/songs/{i % 20 + 1}/details"), rate=rate, duration_s=duration_s,
-                         keep_bodies=keep_bodies)
+                         keep_bodies=keep_bodies, check=song_details_problem)
 
 
 def _assert_no_failures(stats: LoadStats, what: str) -> None:
