@@ -74,6 +74,10 @@ class Sidecar:
                 "last_error": self.discovery.last_error,
                 "attempts": self.discovery.attempts,
             },
+            "dns": {
+                "template": c.dns.template,
+                "servers": [f"{h}:{p}" for h, p in c.dns.nameservers] or "system",
+            },
             "counters": {
                 "inbound": self.metrics.total(INBOUND),
                 "outbound": self.metrics.total(OUTBOUND),

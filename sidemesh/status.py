@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from sidemesh.statusreport import (
     controlplane_http_from_target,
     render_table,
     targets_from_pods,
+    dns_names,
     targets_from_seed,
 )
 
@@ -108,7 +110,7 @@ async def collect(
             known: dict[str, Any] = {}
         elif isinstance(seed, dict):
             source = f"sidecar admin at {admin}"
-            targets = targets_from_seed(admin, seed)
+            targets = targets_from_seed(admin, seed, await _resolve_all(dns_names(seed), timeout))
             cp_http = controlplane_http or controlplane_http_from_target((seed.get("controlplane") or {}).get("target"))
             known = {admin: seed}
         else:
@@ -123,6 +125,21 @@ async def collect(
         cp_task = _get_json(session, f"http://{cp_http}/status") if cp_http else _none()
         (cp_status, cp_err), *answers = await asyncio.gather(cp_task, *(ask(t) for t in targets))
     return build_report(cp_http, cp_status if isinstance(cp_status, dict) else None, cp_err, answers, source=source)
+
+
+async def _resolve_all(names: dict[str, str], timeout: float) -> dict[str, list[str]]:
+    """service -> addresses, through the system resolver (off the event loop); failures are just empty."""
+    loop = asyncio.get_running_loop()
+
+    async def one(name: str) -> list[str]:
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(name, None, type=socket.SOCK_STREAM), timeout)
+        except (OSError, TimeoutError):
+            return []
+        return sorted({str(info[4][0]) for info in infos})
+
+    found = await asyncio.gather(*(one(name) for name in names.values()))
+    return dict(zip(names, found, strict=True))
 
 
 async def _none() -> tuple[None, str]:

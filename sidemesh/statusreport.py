@@ -37,8 +37,24 @@ def targets_from_pods(pods: Iterable[Mapping[str, Any]]) -> list[Target]:
     return out
 
 
-def targets_from_seed(seed_admin: str, seed_state: Mapping[str, Any] | None) -> list[Target]:
-    """Sidecars known to one sidecar (compose): the seed itself and every endpoint in its /state."""
+def dns_names(seed_state: Mapping[str, Any] | None) -> dict[str, str]:
+    """service -> DNS name to look up ourselves, when the seed sidecar resolves through the
+    system resolver (compose: Docker's DNS) and we can therefore ask the same one. A sidecar's
+    own DNS answers may lag a restarted pod by up to their TTL; the name itself does not."""
+    dns = (seed_state or {}).get("dns") or {}
+    template = dns.get("template")
+    if dns.get("servers") != "system" or not isinstance(template, str) or "{service}" not in template:
+        return {}
+    return {service: template.format(service=service) for service in sorted((seed_state or {}).get("services") or {})}
+
+
+def targets_from_seed(
+    seed_admin: str,
+    seed_state: Mapping[str, Any] | None,
+    resolved: Mapping[str, Sequence[str]] | None = None,
+) -> list[Target]:
+    """Sidecars known to one sidecar (compose): the seed itself, every endpoint in its /state,
+    and every address its services' DNS names resolve to (``resolved``: service -> addresses)."""
     targets = [Target(seed_admin, (seed_state or {}).get("service"), (seed_state or {}).get("instance"),
                       (seed_state or {}).get("address"))]
     seen = {(seed_state or {}).get("address"), seed_admin.rpartition(":")[0]}
@@ -49,6 +65,11 @@ def targets_from_seed(seed_admin: str, seed_state: Mapping[str, Any] | None) -> 
                 continue
             seen.add(addr)
             targets.append(Target(f"{_bracket(addr)}:{ADMIN_PORT}", service, ep.get("instance"), addr))
+    for service, addrs in sorted((resolved or {}).items()):
+        for addr in addrs:
+            if addr not in seen:
+                seen.add(addr)
+                targets.append(Target(f"{_bracket(addr)}:{ADMIN_PORT}", service, None, addr))
     return targets
 
 

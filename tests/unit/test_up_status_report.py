@@ -153,3 +153,16 @@ def test_faults_are_described_in_words_and_nothing_when_none() -> None:
     assert describe_faults({"empty_snapshot": False, "dropped_services": []}) == ""
     assert describe_faults(None) == ""
     assert describe_faults({"empty_snapshot": True, "dropped_services": ["artist"]}) == "empty-snapshot, drop-service artist"
+
+
+def test_status_also_asks_dns_for_peers_a_lagging_table_misses() -> None:
+    """compose: a restarted replica is in Docker's DNS before every sidecar's cached answer has it."""
+    from sidemesh.statusreport import dns_names
+
+    state = {**STATE, "dns": {"template": "{service}", "servers": "system"}}
+    assert dns_names(state) == {name: name for name in sorted(STATE["services"])}
+    assert dns_names({**STATE, "dns": {"template": "{service}.mesh.local", "servers": ["127.10.0.3:15053"]}}) == {}
+    known = {t.address for t in targets_from_seed("127.0.0.1:15000", STATE)}
+    extra = targets_from_seed("127.0.0.1:15000", STATE, {"artist": ["172.20.0.99", *sorted(a for a in known if a)]})
+    added = [t for t in extra if t.address not in known]
+    assert [(t.admin, t.service) for t in added] == [("172.20.0.99:15000", "artist")]
