@@ -642,16 +642,7 @@ class Exchange:
     def fail(self, err: SidecarError) -> None:
         if self.finished:
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        conn = self.upstream
-        self.upstream = None
-        if conn is not None:
-            if self.ctx.book is not None:
-                self.ctx.book.health.finished(conn.key)  # else least-request sees it busy forever
-            conn.exchange = None
-            conn.close()
+        self._drop_upstream()
         if self.response_started:
             self.finished = True
             self._count(err.status)
@@ -711,6 +702,10 @@ class Exchange:
     def abort(self, why: str) -> None:
         """The client is gone: drop the upstream side without reusing it."""
         self.finished = True
+        self._drop_upstream()
+
+    def _drop_upstream(self) -> None:
+        """Stop the timer and close the upstream connection (mid-exchange, so never pooled)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -718,7 +713,7 @@ class Exchange:
         self.upstream = None
         if conn is not None:
             if self.ctx.book is not None:
-                self.ctx.book.health.finished(conn.key)
+                self.ctx.book.health.finished(conn.key)  # else least-request sees it busy forever
             conn.exchange = None
             conn.close()
 

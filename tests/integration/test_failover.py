@@ -12,24 +12,14 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from sidemesh.load import LoadGenerator, LoadStats, song_details_problem
-from tests.mesh import Mesh, get_json, running_mesh
+from tests.mesh import Mesh, get_json
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
-    with running_mesh() as m:
-        yield m
-        if any(getattr(item, "rep_call", None) and item.rep_call.failed for item in request.session.items
-               if item.module is request.module):
-            m.dump_logs()
 
 
 def _load(mesh: Mesh, *, rate: float, duration_s: float, keep_bodies: bool = False) -> LoadGenerator:

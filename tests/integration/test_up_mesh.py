@@ -16,14 +16,13 @@ import signal
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.mesh import Mesh, running_mesh
+from tests.mesh import Mesh
 from tests.support import REPO, loopback_subnet
 from tests.mesh import get_json as _get_json
 
@@ -42,15 +41,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-@pytest.fixture(scope="module")
-def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
-    with running_mesh() as m:
-        yield m
-        if any(getattr(item, "rep_call", None) and item.rep_call.failed for item in request.session.items
-               if item.module is request.module):
-            m.dump_logs()
 
 
 def test_up_is_ready_within_5s_and_serves_song_details(mesh: Mesh) -> None:
