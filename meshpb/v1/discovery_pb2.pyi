@@ -15,7 +15,7 @@ class DiscoveryRequest(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("node_id", "service", "address", "port", "labels", "last_version", "known_instances")
+    __slots__ = ("node_id", "service", "address", "port", "labels", "last_version", "known_instances", "known_endpoints")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class Hello(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     LAST_VERSION_FIELD_NUMBER: _ClassVar[int]
     KNOWN_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     service: str
     address: str
@@ -37,7 +38,18 @@ class Hello(_message.Message):
     labels: _containers.ScalarMap[str, str]
     last_version: str
     known_instances: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., service: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., last_version: _Optional[str] = ..., known_instances: _Optional[_Iterable[str]] = ...) -> None: ...
+    known_endpoints: _containers.RepeatedCompositeFieldContainer[KnownEndpoint]
+    def __init__(self, node_id: _Optional[str] = ..., service: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., last_version: _Optional[str] = ..., known_instances: _Optional[_Iterable[str]] = ..., known_endpoints: _Optional[_Iterable[_Union[KnownEndpoint, _Mapping]]] = ...) -> None: ...
+
+class KnownEndpoint(_message.Message):
+    __slots__ = ("service", "address", "port")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    address: str
+    port: int
+    def __init__(self, service: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("version", "nonce", "accepted", "error_detail")
