@@ -1,7 +1,9 @@
 """Control-plane configuration: parsed once from flags and ``SIDEMESH_*`` env vars.
 
 ``parse_args(argv)`` is the only place that reads the environment; the result
-is a frozen ``ControlPlaneConfig`` handed to every component (STYLE.md point 3).
+is a frozen ``ControlPlaneConfig`` handed to every component. Limits on what
+peers may send live in ``limits.py``; who may change state over HTTP in
+``adminauth.py``; both are parsed here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from controlplane.adminauth import AdminPolicy, add_admin_arguments, policy_from_args
+from controlplane.limits import (
+    DEFAULT_SNAPSHOT_BUDGET_BYTES,
+    SIDECAR_MAX_RECEIVE_BYTES,
+    HelloLimits,
+    flag,
+)
 from controlplane.model import LB_POLICIES, ServicePolicy
 
 ENV_LISTEN = "SIDEMESH_CP_LISTEN"
@@ -32,7 +41,7 @@ DEFAULT_GRACE = 2.0
 DEFAULT_LOG_LEVEL = "info"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-# gRPC keepalive (issue 3): sidecars ping every 1 s without data, so the server
+# gRPC keepalive: sidecars ping every 1 s without data, so the server
 # must tolerate that; the server pings too, so silent peers are dropped.
 KEEPALIVE_TIME_MS = 2000
 KEEPALIVE_TIMEOUT_MS = 2000
@@ -59,6 +68,9 @@ class ControlPlaneConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     default_policy: ServicePolicy = field(default_factory=ServicePolicy)
     policies: Mapping[str, ServicePolicy] = field(default_factory=dict)
+    hello_limits: HelloLimits = field(default_factory=HelloLimits)
+    snapshot_budget_bytes: int = DEFAULT_SNAPSHOT_BUDGET_BYTES
+    admin: AdminPolicy = field(default_factory=AdminPolicy)
 
     def policy_for(self, service: str) -> ServicePolicy:
         return self.policies.get(service, self.default_policy)
@@ -72,6 +84,8 @@ class ControlPlaneConfig:
             ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_RECV_PING_INTERVAL_MS),
             ("grpc.http2.max_ping_strikes", 0),
             ("grpc.http2.max_pings_without_data", 0),
+            # refused by gRPC before parsing, as RESOURCE_EXHAUSTED (see limits.py)
+            ("grpc.max_receive_message_length", self.hello_limits.max_request_bytes),
         ]
 
 
@@ -121,6 +135,50 @@ def _non_negative(value: str) -> float:
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0: {value}")
     return number
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from exc
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {value}")
+    return number
+
+
+_LIMIT_HELP = {
+    "max_labels": "labels in one Hello",
+    "max_label_key_bytes": "bytes of one label key",
+    "max_label_value_bytes": "bytes of one label value",
+    "max_label_bytes": "bytes of all label keys and values of one Hello together (they are copied into every snapshot)",
+    "max_known_instances": "entries in a Hello's known_instances",
+    "max_known_endpoints": "entries in a Hello's known_endpoints",
+    "max_node_id_bytes": "bytes of node_id (and of each known_instances entry)",
+    "max_address_bytes": "bytes of address (and of each known_endpoints address)",
+    "max_last_version_bytes": "bytes of last_version",
+    "max_request_bytes": ("bytes of one message a sidecar sends (grpc.max_receive_message_length); gRPC "
+                          "itself refuses a larger one with RESOURCE_EXHAUSTED before it is parsed"),
+}
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "limits (hostile peers)",
+        "A Hello over any of these is refused: its stream ends with INVALID_ARGUMENT naming the limit "
+        "and the value, nothing is registered or pushed, and it is counted in "
+        "sidemesh_controlplane_hello_limit_rejections_total{limit=...}.",
+    )
+    defaults = HelloLimits()
+    for name, text in _LIMIT_HELP.items():
+        group.add_argument(flag(name), dest=name, type=_positive_int, default=getattr(defaults, name),
+                           metavar="N", help=f"most {text} (default %(default)s)")
+    group.add_argument(
+        "--snapshot-budget-bytes", type=_positive_int, default=DEFAULT_SNAPSHOT_BUDGET_BYTES, metavar="N",
+        help=(f"refuse (RESOURCE_EXHAUSTED) a registration that would make the encoded route snapshot "
+              f"larger than this; everyone else keeps receiving the current table. Sidecars accept "
+              f"messages up to {SIDECAR_MAX_RECEIVE_BYTES} bytes (default %(default)s: that, less a safety margin)"),
+    )
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -177,6 +235,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--log-level", choices=LOG_LEVELS, default=env.get(ENV_LOG_LEVEL, DEFAULT_LOG_LEVEL),
         help=f"log verbosity (env {ENV_LOG_LEVEL}; default %(default)s)",
     )
+    _add_limit_arguments(parser)
+    add_admin_arguments(parser, env, "POST /faults (it changes what every sidecar receives)")
     return parser
 
 
@@ -205,6 +265,11 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Con
         except ConfigError as exc:
             parser.error(str(exc))
         policies[name] = policy
+    try:
+        admin = policy_from_args(args, env)
+    except ValueError as exc:
+        parser.error(str(exc))
+    limits = HelloLimits(**{name: getattr(args, name) for name in _LIMIT_HELP})
     return ControlPlaneConfig(
         listen=args.listen,
         grpc_port=grpc_port,
@@ -215,4 +280,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Con
         grace=args.grace,
         log_level=args.log_level,
         policies=policies,
+        hello_limits=limits,
+        snapshot_budget_bytes=args.snapshot_budget_bytes,
+        admin=admin,
     )

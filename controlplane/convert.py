@@ -6,7 +6,12 @@ version (``encode_snapshot``) and each push only appends its nonce
 (``with_nonce``): protobuf defines concatenated encodings of a message as the
 merge of both, so ``base + encode(Snapshot(nonce=n))`` parses as the snapshot
 with that nonce. Pushing one version to 1000 streams therefore costs one
-serialization, not 1000 (issue 5).
+serialization, not 1000.
+
+Sizes for the snapshot budget (``budget.py``) are computed here too, since
+only this module knows the encoding: ``endpoint_wire_bytes`` and
+``service_frame_bytes`` are what one instance and one service add to the
+encoded snapshot, and ``SNAPSHOT_FIXED_BYTES`` bounds the rest.
 """
 
 from __future__ import annotations
@@ -16,14 +21,14 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from controlplane.model import AckMessage, Hello, Snapshot
+from controlplane.limits import HelloLimits, Violation, check_hello
+from controlplane.model import AckMessage, Hello, Instance, KnownEndpoint, PingMessage, ServicePolicy, Snapshot
 from meshpb.v1 import discovery_pb2
 
 SERVICE_NAME: str = discovery_pb2.DESCRIPTOR.services_by_name["Discovery"].full_name
 METHOD_NAME = "Stream"
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-MAX_NODE_ID = 253
 _BAD_NODE_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
@@ -39,6 +44,14 @@ class InvalidHello(ProtocolError):
     """A Hello whose fields cannot make a reachable registration."""
 
 
+class HelloOverLimit(InvalidHello):
+    """A Hello larger than a named limit (``controlplane/limits.py``)."""
+
+    def __init__(self, violation: Violation) -> None:
+        super().__init__(violation.reason)
+        self.violation = violation
+
+
 def request_deserializer() -> Callable[[bytes], Any]:
     """For the gRPC method handler: bytes -> DiscoveryRequest."""
     return discovery_pb2.DiscoveryRequest.FromString
@@ -49,13 +62,27 @@ def identity_serializer(data: bytes) -> bytes:
     return data
 
 
-def validate_hello(msg: Any) -> Hello:
-    """Check a wire Hello and convert it; raise ``InvalidHello`` with the reason."""
+def validate_hello(msg: Any, limits: HelloLimits = HelloLimits()) -> Hello:
+    """Check a wire Hello and convert it; raise ``InvalidHello`` with the reason.
+
+    Sizes first (``HelloOverLimit``), then meaning. Entries of ``known_endpoints``
+    that could never match a registration (not a DNS-label service, not an IP
+    literal, port out of range) are left out, with the reason kept in
+    ``Hello.dropped_known_endpoints``: they are hints for the warm-up wait, and a
+    bad hint must not cost the sidecar its registration.
+    """
+    violation = check_hello(
+        limits, node_id=msg.node_id, address=msg.address, last_version=msg.last_version, labels=msg.labels,
+        known_instances=msg.known_instances,
+        known_endpoint_addresses=[e.address for e in msg.known_endpoints],
+    )
+    if violation is not None:
+        raise HelloOverLimit(violation)
     node_id = msg.node_id
     if not node_id:
         raise InvalidHello("node_id is empty")
-    if len(node_id) > MAX_NODE_ID or _BAD_NODE_CHARS.search(node_id):
-        raise InvalidHello(f"node_id {node_id[:64]!r} is longer than {MAX_NODE_ID} or holds whitespace/control characters")
+    if _BAD_NODE_CHARS.search(node_id):
+        raise InvalidHello(f"node_id {node_id[:64]!r} holds whitespace or control characters")
     service = msg.service
     if not service:
         raise InvalidHello("service is empty")
@@ -69,6 +96,7 @@ def validate_hello(msg: Any) -> Hello:
         raise InvalidHello(f"address {msg.address!r} is unspecified; advertise an address other sidecars can reach")
     if not 1 <= msg.port <= 65535:
         raise InvalidHello(f"port {msg.port} is out of range 1..65535")
+    known_endpoints, dropped = _known_endpoints(msg.known_endpoints)
     return Hello(
         node_id=node_id,
         service=service,
@@ -77,24 +105,57 @@ def validate_hello(msg: Any) -> Hello:
         labels=tuple(sorted(msg.labels.items())),
         last_version=msg.last_version,
         known_instances=frozenset(i for i in msg.known_instances if i),
+        known_endpoints=known_endpoints,
+        dropped_known_endpoints=dropped,
     )
 
 
-def decode_first(msg: Any) -> Hello:
-    """The first message of a stream: it must be a valid Hello."""
+def _known_endpoints(entries: Any) -> tuple[frozenset[KnownEndpoint], tuple[str, ...]]:
+    """Valid entries (addresses canonical) and, for the others, why they were left out."""
+    kept: set[KnownEndpoint] = set()
+    dropped: list[str] = []
+    for i, entry in enumerate(entries):
+        why = _bad_known_endpoint(entry)
+        if why is not None:
+            dropped.append(f"known_endpoints[{i}]: {why}")
+            continue
+        kept.add(KnownEndpoint(entry.service, str(ipaddress.ip_address(entry.address)), int(entry.port)))
+    return frozenset(kept), tuple(dropped)
+
+
+def _bad_known_endpoint(entry: Any) -> str | None:
+    if not DNS_LABEL.match(entry.service):
+        return f"service {entry.service[:64]!r} is not a DNS label"
+    try:
+        address = ipaddress.ip_address(entry.address)
+    except ValueError:
+        return f"address {entry.address[:64]!r} is not an IP literal"
+    if address.is_unspecified:
+        return f"address {entry.address!r} is unspecified"
+    if not 1 <= entry.port <= 65535:
+        return f"port {entry.port} is out of range 1..65535"
+    return None
+
+
+def decode_first(msg: Any, limits: HelloLimits = HelloLimits()) -> Hello:
+    """The first message of a stream: it must be a valid Hello within ``limits``."""
     kind = msg.WhichOneof("kind")
     if kind != "hello":
         raise ProtocolError(f"first message must be a hello, got {kind or 'an empty message'}")
-    return validate_hello(msg.hello)
+    return validate_hello(msg.hello, limits)
 
 
-def decode_next(msg: Any) -> AckMessage:
-    """Any later message: it must be an Ack (a second Hello is an error)."""
+def decode_next(msg: Any) -> AckMessage | PingMessage:
+    """Any later message: an Ack or a Ping (a second Hello is an error)."""
     kind = msg.WhichOneof("kind")
+    if kind == "ping":
+        if msg.ping.seq == 0:
+            raise ProtocolError("ping seq must be non-zero")
+        return PingMessage(seq=int(msg.ping.seq))
     if kind != "ack":
         raise ProtocolError(
             "a second hello on one stream is not allowed" if kind == "hello"
-            else "empty message: expected an ack"
+            else "empty message: expected an ack or a ping"
         )
     ack = msg.ack
     return AckMessage(version=ack.version, nonce=ack.nonce, accepted=ack.accepted, error_detail=ack.error_detail)
@@ -117,6 +178,42 @@ def snapshot_to_pb(snapshot: Snapshot, nonce: str = "") -> Any:
 def encode_snapshot(snapshot: Snapshot) -> bytes:
     """The snapshot's wire encoding without a nonce; done once per version."""
     return bytes(snapshot_to_pb(snapshot).SerializeToString(deterministic=True))
+
+
+# The nonce field ``with_nonce`` appends: tag, length and "<stream>-<push>",
+# two counters of at most 20 digits each.
+MAX_NONCE_FIELD_BYTES = 64
+# Upper bound of what a snapshot holds besides its services: the version field
+# (tag, length, at most 20 digits: see push.version_number) and the nonce field.
+SNAPSHOT_FIXED_BYTES = 128
+# the longest varint a message length can need (lengths below 2**35)
+_MAX_LENGTH_PREFIX = 5
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def endpoint_wire_bytes(instance: Instance) -> int:
+    """Exactly what ``instance`` adds to its service's message in the snapshot."""
+    endpoint = discovery_pb2.Endpoint(address=instance.address, port=instance.port, instance=instance.node_id)
+    endpoint.labels.update(dict(instance.labels))
+    size = endpoint.ByteSize()
+    return 1 + _varint_bytes(size) + size  # field tag, length, message
+
+
+def service_frame_bytes(name: str, policy: ServicePolicy) -> int:
+    """Upper bound of what a service adds to the snapshot besides its endpoints."""
+    service = discovery_pb2.Service(name=name)
+    service.policy.timeout_ms = policy.timeout_ms
+    service.policy.retries = policy.retries
+    service.policy.lb = policy.lb
+    return 1 + _MAX_LENGTH_PREFIX + service.ByteSize()
+
+
+def pong(seq: int) -> bytes:
+    """The answer to Ping(seq): a Snapshot with only ``pong`` set."""
+    return bytes(discovery_pb2.Snapshot(pong=seq).SerializeToString())
 
 
 def with_nonce(base: bytes, nonce: str) -> bytes:

@@ -7,6 +7,10 @@
 - ``GET /faults`` -> the current fault set; ``POST /faults`` with
   ``{"fault": "empty-snapshot"}``, ``{"fault": "drop-service", "service": "artist"}``
   or ``{"fault": "clear"}`` -> 200 and the new fault set, 400 on a bad body.
+
+``POST /faults`` changes what every sidecar receives, so it passes the admin
+policy first (``adminauth.py``: an allowed peer address or the bearer token;
+otherwise 403 with a JSON body saying how to get in). Reads stay open.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 
 from aiohttp import web
 
+from controlplane.adminauth import admin_middleware
 from controlplane.faults import FaultError
 from controlplane.metrics import CONTENT_TYPE
 from controlplane.plane import ControlPlane
@@ -25,7 +30,7 @@ MAX_BODY = 64 * 1024
 
 def build_app(plane: ControlPlane) -> web.Application:
     """The aiohttp application serving ``plane``."""
-    app = web.Application(client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[admin_middleware(plane.config.admin)])
     app[PLANE_KEY] = plane
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/status", status)

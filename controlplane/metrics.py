@@ -1,7 +1,6 @@
 """The control plane's Prometheus metrics, in their own ``CollectorRegistry``.
 
-One ``Metrics`` object per control plane (no global registry, STYLE.md point 4),
-so several control planes in one test process do not collide.
+One ``Metrics`` object per control plane (no global registry), so several control planes in one test process do not collide.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 PREFIX = "sidemesh_controlplane"
-# push-to-ack latency: the target is 1000 sidecars within 500 ms (issue 5)
+# push-to-ack latency: the target is 1000 sidecars within 500 ms (benchmarks/README.md)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -34,6 +33,27 @@ class Metrics:
         self.rejected_hellos = Counter(f"{PREFIX}_rejected_hellos_total", "Streams refused for a bad Hello", registry=r)
         self.protocol_errors = Counter(
             f"{PREFIX}_protocol_errors_total", "Streams aborted for a message out of protocol", registry=r
+        )
+        self.hello_limit_rejections = Counter(
+            f"{PREFIX}_hello_limit_rejections_total", "Hellos refused for exceeding a named limit (see --help)",
+            ["limit"], registry=r,
+        )
+        self.streams_without_hello = Counter(
+            f"{PREFIX}_streams_without_hello_total",
+            "Streams that ended before a Hello arrived (also requests gRPC refused as over --max-request-bytes)",
+            registry=r,
+        )
+        self.budget_refusals = Counter(
+            f"{PREFIX}_snapshot_budget_refusals_total",
+            "Registrations refused because the snapshot would exceed --snapshot-budget-bytes", registry=r,
+        )
+        self.known_endpoints_dropped = Counter(
+            f"{PREFIX}_known_endpoints_dropped_total",
+            "Hello known_endpoints entries left out as unmatchable (bad service, address or port)", registry=r,
+        )
+        self.snapshot_bytes = Gauge(f"{PREFIX}_snapshot_bytes", "Encoded size of the current snapshot", registry=r)
+        self.snapshot_estimate_bytes = Gauge(
+            f"{PREFIX}_snapshot_estimate_bytes", "Upper bound of the snapshot size the budget works with", registry=r,
         )
         self.joins = Counter(f"{PREFIX}_joins_total", "Instances registered", registry=r)
         self.leaves = Counter(f"{PREFIX}_leaves_total", "Instances that left (stream ended)", registry=r)

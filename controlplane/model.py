@@ -2,7 +2,7 @@
 
 ``convert.py`` turns wire messages into these and back; everything else in
 ``controlplane/`` (registry, snapshot building, warm-up, faults, status) works
-on these types only (STYLE.md point 12).
+on these types only: protobuf stays at the edge.
 """
 
 from __future__ import annotations
@@ -17,6 +17,26 @@ DEFAULT_TIMEOUT_MS = 5000
 DEFAULT_RETRIES = 1
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class KnownEndpoint:
+    """An endpoint a sidecar routes to without an instance id (learned through DNS).
+
+    ``address`` is canonical (``str(ipaddress.ip_address(...))``), so it
+    compares equal to the address of the instance that registers there.
+    """
+
+    service: str
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{self.service}@{host}:{self.port}"
+
+    def as_json(self) -> dict[str, object]:
+        return {"service": self.service, "address": self.address, "port": self.port}
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """A validated registration: who the sidecar is and what it last knew."""
@@ -27,8 +47,17 @@ class Hello:
     port: int
     labels: tuple[tuple[str, str], ...] = ()
     last_version: str = ""
-    # instance ids in the sidecar's last applied table (restart safety, issue 3)
+    # instance ids in the sidecar's last applied table (restart safety, warmup.py)
     known_instances: frozenset[str] = frozenset()
+    # endpoints it routes to that have no instance id (learned through DNS)
+    known_endpoints: frozenset[KnownEndpoint] = frozenset()
+    # why entries of the wire Hello's known_endpoints were left out (for the log)
+    dropped_known_endpoints: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def endpoint(self) -> KnownEndpoint:
+        """Where this sidecar itself is reached, in the terms of ``known_endpoints``."""
+        return KnownEndpoint(self.service, self.address, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +118,7 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class Faults:
-    """Injected faults for drills (issue 3 point 8). The default is no fault."""
+    """Injected faults for drills (faults.py). The default is no fault."""
 
     empty_snapshot: bool = False
     dropped_services: frozenset[str] = frozenset()
@@ -113,6 +142,13 @@ class AckMessage:
     nonce: str
     accepted: bool
     error_detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PingMessage:
+    """A sidecar asking whether its stream is alive; answered at once with ``pong = seq``."""
+
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)

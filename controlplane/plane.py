@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from controlplane import convert
+from controlplane.budget import SnapshotBudget
 from controlplane.config import ControlPlaneConfig
 from controlplane.faults import apply_fault
 from controlplane.metrics import Metrics
@@ -46,11 +48,16 @@ class ControlPlane:
         self.publisher = Publisher(
             self.registry, self.warmup, self.metrics,
             policy_for=config.policy_for, coalesce_s=config.coalesce_ms / 1000.0,
-            clock=clock, monotonic=monotonic,
+            max_snapshot_bytes=config.snapshot_budget_bytes, clock=clock, monotonic=monotonic,
+        )
+        self.budget = SnapshotBudget(
+            config.snapshot_budget_bytes, fixed_bytes=convert.SNAPSHOT_FIXED_BYTES,
+            service_bytes=lambda name: convert.service_frame_bytes(name, config.policy_for(name)),
         )
         self.service = DiscoveryService(
             self.registry, self.publisher, self.warmup, self.metrics,
-            hello_timeout=config.hello_timeout, clock=clock, monotonic=monotonic,
+            hello_timeout=config.hello_timeout, budget=self.budget, limits=config.hello_limits,
+            clock=clock, monotonic=monotonic,
         )
         self._publisher_task: asyncio.Task[None] | None = None
 
@@ -80,7 +87,7 @@ class ControlPlane:
         return after
 
     def status(self) -> dict[str, Any]:
-        """The /status document (see the brief's contract)."""
+        """The /status document: the version, warm-up, faults and every sidecar's sync state."""
         version = self.publisher.version
         sidecars = []
         for session in sorted(self.registry.leases(), key=lambda s: s.node_id):
@@ -113,7 +120,13 @@ class ControlPlane:
                 "ended": self.warmup.ended,
                 "reason": self.warmup.end_reason,
                 "missing": sorted(self.warmup.missing()),
+                "missing_endpoints": [e.as_json() for e in sorted(self.warmup.missing_endpoints())],
                 "timeout_s": self.warmup.timeout,
+            },
+            "snapshot_budget": {
+                "estimate_bytes": self.budget.estimate,
+                "budget_bytes": self.budget.limit,
+                "current_bytes": 0 if self.publisher.current is None else len(self.publisher.current.wire),
             },
             "sidecars": sidecars,
         }

@@ -12,6 +12,11 @@ of joins the push rate so follows what the server can write), asks the
 warm-up gate whether it may push, builds, serializes once, and offers the
 result to every session's latest-value slot. A table equal to the current
 one keeps the current version (no push to streams that already have it).
+
+A table whose encoding exceeds ``max_snapshot_bytes`` is never offered: every
+sidecar would refuse it. Registrations are held to that budget before they
+happen (``budget.py``), so this is a last line that only a wrong estimate
+reaches; it keeps the current table flowing and logs an error.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Callable, Iterable
 
 from controlplane import convert
 from controlplane.faults import apply_faults_to_services
+from controlplane.limits import DEFAULT_SNAPSHOT_BUDGET_BYTES
 from controlplane.metrics import Metrics
 from controlplane.model import (
     Endpoint,
@@ -85,6 +91,7 @@ class Publisher:
         *,
         policy_for: Callable[[str], ServicePolicy],
         coalesce_s: float,
+        max_snapshot_bytes: int = DEFAULT_SNAPSHOT_BUDGET_BYTES,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -93,6 +100,7 @@ class Publisher:
         self._metrics = metrics
         self._policy_for = policy_for
         self._coalesce_s = coalesce_s
+        self._max_snapshot_bytes = max_snapshot_bytes
         self._clock = clock
         self._monotonic = monotonic
         self._dirty = asyncio.Event()
@@ -141,7 +149,9 @@ class Publisher:
             if not decision.hold:
                 break
             if not self.held:
-                log.info("event=warmup_hold missing=%s wait_ms=%d", ",".join(sorted(decision.missing)),
+                log.info("event=warmup_hold missing=%s missing_endpoints=%s wait_ms=%d",
+                         ",".join(sorted(decision.missing)) or "-",
+                         ",".join(map(str, sorted(decision.missing_endpoints))) or "-",
                          int((decision.wait_s or 0) * 1000))
             self.held = True
             self._metrics.warming_up.set(1)
@@ -154,33 +164,23 @@ class Publisher:
         self._metrics.warming_up.set(0)
         if self._warmup.ended and not was_ended:
             log.info(
-                "event=warmup_done reason=%s missing=%s",
+                "event=warmup_done reason=%s missing=%s missing_endpoints=%s",
                 self._warmup.end_reason, ",".join(sorted(self._warmup.missing_at_end)) or "-",
+                ",".join(map(str, sorted(self._warmup.missing_endpoints_at_end))) or "-",
             )
 
-    def publish_now(self) -> PreparedSnapshot:
-        """Build the table now; new version if it changed; offer it to every stream."""
+    def publish_now(self) -> PreparedSnapshot | None:
+        """Build the table now; new version if it changed; offer it to every stream.
+
+        Returns what the streams now have (None if nothing could be published yet).
+        """
         services = build_services(self._registry.instances(), self._policy_for, self._faults)
         current = self.current
         sessions = self._registry.leases()
         if current is None or services != current.snapshot.services:
-            now = self._clock()
-            snapshot = Snapshot(
-                version=next_version(self.version, now, self._version_floor),
-                services=services,
-                created_at=now,
-            )
-            current = PreparedSnapshot(snapshot, convert.encode_snapshot(snapshot))
-            self.current = current
-            self._metrics.snapshots.inc()
-            self._metrics.snapshot.info({"version": snapshot.version})
-            self._metrics.services.set(len(services))
-            self._metrics.endpoints.set(snapshot.endpoint_count)
-            log.info(
-                "event=snapshot_pushed version=%s services=%d endpoints=%d streams=%d bytes=%d faults=%s",
-                snapshot.version, len(services), snapshot.endpoint_count, len(sessions),
-                len(current.wire), faults_text(self._faults),
-            )
+            current = self._prepare(services, len(sessions)) or current
+            if current is None:
+                return None
         targets = [s for s in sessions if s.offered_version != current.version]
         # streams still busy writing an older version are slow or stuck (their
         # slot makes them skip ahead); they do not hold back the next version
@@ -190,6 +190,33 @@ class Publisher:
             session.offer(current, None if session.writing else fanout)
         self._fanout = fanout
         return current
+
+
+    def _prepare(self, services: tuple[ServiceRoutes, ...], streams: int) -> PreparedSnapshot | None:
+        """A new version of ``services``, made current; None if it is over budget."""
+        now = self._clock()
+        snapshot = Snapshot(
+            version=next_version(self.version, now, self._version_floor),
+            services=services,
+            created_at=now,
+        )
+        wire = convert.encode_snapshot(snapshot)
+        if len(wire) + convert.MAX_NONCE_FIELD_BYTES > self._max_snapshot_bytes:
+            log.error("event=snapshot_over_budget version=%s bytes=%d budget=%d kept_version=%s",
+                      snapshot.version, len(wire), self._max_snapshot_bytes, self.version or "-")
+            return None
+        prepared = PreparedSnapshot(snapshot, wire)
+        self.current = prepared
+        self._metrics.snapshots.inc()
+        self._metrics.snapshot.info({"version": snapshot.version})
+        self._metrics.services.set(len(services))
+        self._metrics.endpoints.set(snapshot.endpoint_count)
+        self._metrics.snapshot_bytes.set(len(wire))
+        log.info(
+            "event=snapshot_pushed version=%s services=%d endpoints=%d streams=%d bytes=%d faults=%s",
+            snapshot.version, len(services), snapshot.endpoint_count, streams, len(wire), faults_text(self._faults),
+        )
+        return prepared
 
 
 def faults_text(faults: Faults) -> str:

@@ -1,7 +1,9 @@
 """The gRPC side: ``sidemesh.v1.Discovery/Stream`` on grpc.aio.
 
-Per stream: read the Hello (validated in ``convert``; a bad one aborts this
-stream with INVALID_ARGUMENT and touches nothing else), register a
+Per stream: read the Hello (validated in ``convert`` against the named limits
+of ``limits.py``; a bad one aborts this stream with INVALID_ARGUMENT and
+touches nothing else), check it against the snapshot budget (``budget.py``;
+over it, the stream ends with RESOURCE_EXHAUSTED and nothing changes), register a
 ``Session`` as the lease, then run two loops: this handler writes whatever the
 session's latest-value slot holds, and a reader task matches Acks/NACKs. When
 the stream ends for any reason (client closed, cancelled, keepalive timeout,
@@ -24,11 +26,13 @@ from typing import Any
 import grpc
 
 from controlplane import convert
+from controlplane.budget import SnapshotBudget
+from controlplane.limits import HelloLimits
 from controlplane.metrics import Metrics
-from controlplane.model import Instance
+from controlplane.model import Instance, PingMessage
 from controlplane.push import Publisher
 from controlplane.registry import Registry
-from controlplane.session import AckKind, CloseReason, Session
+from controlplane.session import AckKind, CloseReason, Pong, Session
 from controlplane.warmup import WarmupGate
 
 log = logging.getLogger("controlplane.server")
@@ -50,6 +54,8 @@ class DiscoveryService:
         metrics: Metrics,
         *,
         hello_timeout: float,
+        budget: SnapshotBudget,
+        limits: HelloLimits = HelloLimits(),
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -58,6 +64,8 @@ class DiscoveryService:
         self._warmup = warmup
         self._metrics = metrics
         self._hello_timeout = hello_timeout
+        self._budget = budget
+        self._limits = limits
         self._clock = clock
         self._monotonic = monotonic
         self._accepting = True
@@ -89,20 +97,46 @@ class DiscoveryService:
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within {self._hello_timeout}s")
         if first is grpc.aio.EOF:
+            # a client that closed early, or a request gRPC refused before we saw it
+            # (over --max-request-bytes: the peer got RESOURCE_EXHAUSTED from gRPC)
+            self._metrics.streams_without_hello.inc()
+            log.info("event=stream_ended_before_hello peer=%s max_request_bytes=%d",
+                     context.peer(), self._limits.max_request_bytes)
             return
         try:
-            hello = convert.decode_first(first)
+            hello = convert.decode_first(first, self._limits)
         except convert.ProtocolError as exc:
             self._metrics.rejected_hellos.inc()
-            log.warning("event=hello_rejected node=%s peer=%s reason=%r",
-                        convert.claimed_node_id(first) or "-", context.peer(), exc.reason)
+            limit = exc.violation.limit if isinstance(exc, convert.HelloOverLimit) else "-"
+            if limit != "-":
+                self._metrics.hello_limit_rejections.labels(limit=limit).inc()
+            log.warning("event=hello_rejected node=%s peer=%s limit=%s reason=%r",
+                        convert.claimed_node_id(first) or "-", context.peer(), limit, exc.reason)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid hello: {exc.reason}")
             return  # not reached: abort raises
 
+        instance = Instance.from_hello(hello)
+        endpoint_bytes = convert.endpoint_wire_bytes(instance)
+        decision = self._budget.decide(hello.node_id, hello.service, endpoint_bytes)
+        if not decision.admitted:
+            self._metrics.budget_refusals.inc()
+            log.warning("event=registration_refused node=%s service=%s peer=%s reason=snapshot_budget "
+                        "instance_bytes=%d estimate=%d budget=%d", hello.node_id, hello.service, context.peer(),
+                        endpoint_bytes, decision.estimate, decision.limit)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"registration refused: {decision.reason}")
+            return  # not reached: abort raises
+        if hello.dropped_known_endpoints:
+            self._metrics.known_endpoints_dropped.inc(len(hello.dropped_known_endpoints))
+            log.info("event=known_endpoints_dropped node=%s count=%d first=%r", hello.node_id,
+                     len(hello.dropped_known_endpoints), hello.dropped_known_endpoints[0])
+
         session = Session(hello, connected_at=self._clock(), peer=context.peer())
-        self._warmup.on_hello(hello.node_id, hello.known_instances, self._monotonic())
+        self._warmup.on_hello(hello.node_id, hello.known_instances, self._monotonic(),
+                              endpoint=hello.endpoint, known_endpoints=hello.known_endpoints)
         self._publisher.note_version(hello.last_version)
-        replaced = self._registry.register(Instance.from_hello(hello), session)
+        replaced = self._registry.register(instance, session)
+        self._budget.add(hello.node_id, hello.service, endpoint_bytes)
+        self._metrics.snapshot_estimate_bytes.set(self._budget.estimate)
         if replaced is not None:
             log.info("event=sidecar_replaced node=%s old_stream=%d new_stream=%d",
                      hello.node_id, replaced.id, session.id)
@@ -111,9 +145,10 @@ class DiscoveryService:
             self._metrics.joins.inc()
         self._metrics.connected.set(len(self._registry))
         log.info(
-            "event=sidecar_connected node=%s service=%s address=%s port=%d last_version=%s known_instances=%d stream=%d",
+            "event=sidecar_connected node=%s service=%s address=%s port=%d last_version=%s known_instances=%d "
+            "known_endpoints=%d stream=%d",
             hello.node_id, hello.service, hello.address, hello.port, hello.last_version or "-",
-            len(hello.known_instances), session.id,
+            len(hello.known_instances), len(hello.known_endpoints), session.id,
         )
         self._publisher.mark_dirty()
         reader = asyncio.create_task(self._read_acks(session, context), name=f"acks-{hello.node_id}")
@@ -124,6 +159,8 @@ class DiscoveryService:
             removed = self._registry.unregister(hello.node_id, session)
             reason = session.close_reason.reason if session.close_reason else "stream_ended"
             if removed is not None:
+                self._budget.remove(hello.node_id)
+                self._metrics.snapshot_estimate_bytes.set(self._budget.estimate)
                 self._metrics.leaves.inc()
                 self._metrics.connected.set(len(self._registry))
                 log.info("event=sidecar_left node=%s service=%s address=%s reason=%s stream=%d",
@@ -135,6 +172,9 @@ class DiscoveryService:
             push = await session.next_push()
             if push is None:
                 break
+            if isinstance(push, Pong):
+                await context.write(convert.pong(push.seq))
+                continue
             session.writing = True
             try:
                 nonce = session.record_sent(push.prepared.version, self._monotonic())
@@ -162,6 +202,9 @@ class DiscoveryService:
                     log.warning("event=protocol_error node=%s reason=%r", node, exc.reason)
                     session.close(CloseReason(REASON_PROTOCOL, "INVALID_ARGUMENT", exc.reason))
                     return
+                if isinstance(ack, PingMessage):
+                    session.ping(ack.seq)
+                    continue
                 outcome = session.on_ack(ack, self._monotonic())
                 if outcome.kind is AckKind.ACK:
                     self._metrics.acks.inc()

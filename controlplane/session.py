@@ -65,6 +65,13 @@ class Fanout:
 
 
 @dataclass(frozen=True, slots=True)
+class Pong:
+    """The answer to a sidecar's Ping, written before any pending push (it is tiny)."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class Push:
     """One snapshot handed to one stream's writer; call ``done()`` when written."""
 
@@ -130,6 +137,7 @@ class Session:
         # True while the writer is inside a write (a slow or stuck peer)
         self.writing = False
         self._pending: Push | None = None
+        self._pong = 0
         self._wake = asyncio.Event()
         self._seq = itertools.count(1)
         self._outstanding: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -156,14 +164,23 @@ class Session:
             self._pending = None
         self._wake.set()
 
-    async def next_push(self) -> Push | None:
-        """Wait for the newest offered snapshot; None once the session is closing.
+    def ping(self, seq: int) -> None:
+        """The sidecar asked whether the stream is alive: answer the newest ping next."""
+        self._pong = max(self._pong, seq)
+        self._wake.set()
 
-        The caller must call ``done()`` on the returned push once written.
+    async def next_push(self) -> Push | Pong | None:
+        """Wait for the next thing to write: a pong, else the newest offered snapshot;
+        None once the session is closing.
+
+        The caller must call ``done()`` on a returned push once written.
         """
         while True:
             if self.close_reason is not None:
                 return None
+            if self._pong:
+                seq, self._pong = self._pong, 0
+                return Pong(seq)
             pending, self._pending = self._pending, None
             if pending is not None:
                 return pending

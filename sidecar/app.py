@@ -42,20 +42,26 @@ class Sidecar:
             dns_port=config.dns.port,
             health=self.health,
             settle_timeout_s=config.initial_fetch_timeout_s + 1.0,
+            guard_grace_s=config.guard_grace_s,
         )
         self.metrics = SidecarMetrics()
         self.pool = UpstreamPool(connect_timeout_s=config.connect_timeout_s)
         self.exporter = MetricsExporter(self.metrics, self.book, self.pool, service=config.service, instance=config.instance)
-        self.outbound = ProxyContext(OUTBOUND, pool=self.pool, metrics=self.metrics, book=self.book)
+        self.outbound = ProxyContext(OUTBOUND, pool=self.pool, metrics=self.metrics, book=self.book, limits=config.limits)
         app_ep = Endpoint(config.app[0], config.app[1], "app")
         app_route = ResolvedRoute("app", (app_ep,), Source.CONTROLPLANE, self.health, Policy(timeout_s=config.app_timeout_s, retries=1))
-        self.inbound = ProxyContext(INBOUND, pool=self.pool, metrics=self.metrics, app_route=app_route)
+        self.inbound = ProxyContext(INBOUND, pool=self.pool, metrics=self.metrics, app_route=app_route,
+                                    limits=config.limits)
         self.discovery = DiscoveryClient(
             config.controlplane,
             Identity(config.instance, config.service, config.address, config.inbound_port),
             self.book,
             backoff=ExpBackoff(BackoffPolicy()),
-            settings=StreamSettings(initial_fetch_timeout_s=config.initial_fetch_timeout_s),
+            settings=StreamSettings(
+                initial_fetch_timeout_s=config.initial_fetch_timeout_s,
+                ping_interval_s=config.ping_interval_s,
+                ping_timeout_s=config.ping_timeout_s,
+            ),
         )
         self._servers: list[asyncio.AbstractServer] = []
         self._discovery_task: asyncio.Task[None] | None = None
@@ -111,7 +117,23 @@ class Sidecar:
             ",".join(f"{h}:{p}" for h, p in c.dns.nameservers) or "system",
         )
 
-    async def stop(self, drain_s: float = 5.0) -> None:
+    async def stop(self, *, drain_delay_s: float = 0.0, drain_s: float = 5.0) -> None:
+        """Leave without failing a call: withdraw, drain, stop accepting, finish, close.
+
+        1. End the discovery stream: the control plane drops our registration and pushes the
+           change, so callers in ``controlplane`` mode stop picking us within milliseconds
+           (the mode is left as it is: a leaving sidecar has no reason to fail over).
+        2. For ``drain_delay_s`` keep serving inbound, but every answer says
+           ``Connection: close``, so callers' pools let go of our connections; callers that
+           still resolve us through DNS (its TTL) are served meanwhile.
+        3. Stop accepting (callers now get a refused connect, which they retry elsewhere),
+           let in-flight exchanges finish within ``drain_s``, then close what is left.
+        """
+        await self._stop_discovery()
+        if drain_delay_s > 0:
+            self.inbound.drain()
+            log.info("event=sidecar_draining instance=%s delay_s=%g", self.config.instance, drain_delay_s)
+            await asyncio.sleep(drain_delay_s)
         for server in self._servers:
             server.close()
         deadline = asyncio.get_running_loop().time() + drain_s
@@ -128,15 +150,21 @@ class Sidecar:
                 conn.abort()
             for task in list(ctx.tasks):
                 task.cancel()
-        if self._discovery_task is not None:
-            self._discovery_task.cancel()
-            try:
-                await self._discovery_task
-            except asyncio.CancelledError:
-                pass
+        self.book.close()
         await self.pool.close()
         await self.resolver.close()
         log.info("event=sidecar_stopped instance=%s", self.config.instance)
+
+    async def _stop_discovery(self) -> None:
+        task, self._discovery_task = self._discovery_task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        log.info("event=controlplane_left instance=%s", self.config.instance)
 
 
 async def serve(config: SidecarConfig) -> int:
@@ -153,7 +181,7 @@ async def serve(config: SidecarConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("event=sidecar_stopping instance=%s", config.instance)
-    await sidecar.stop()
+    await sidecar.stop(drain_delay_s=config.drain_delay_s)
     return 0
 
 

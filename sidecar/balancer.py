@@ -4,13 +4,16 @@ endpoints. Pure decisions; the proxy tells ``EndpointHealth`` what happened.
 Passive health: an endpoint that refused a connection is ejected for ``eject_s`` seconds
 (Envoy's outlier detection, much simplified). When every endpoint is ejected we pick among
 all of them anyway ("panic mode"), since failing for sure is worse than trying.
+
+A retry passes the endpoints its exchange already tried as ``exclude``: they are skipped
+like ejected ones, and picked again only when every endpoint of the route was tried.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from sidecar.model import LB_LEAST_REQUEST, DEFAULT_POLICY, Endpoint, Policy, Source
 
@@ -74,25 +77,30 @@ class ResolvedRoute:
         self._rand = rand or (lambda n: random.randrange(n))
         self._next = self._rand(len(endpoints))  # do not send every sidecar's first call to endpoint 0
 
-    def pick(self, exclude: Endpoint | None = None) -> Endpoint:
+    def pick(self, exclude: Collection[Endpoint] | Endpoint | None = ()) -> Endpoint:
+        """The next endpoint, skipping ejected ones and those in ``exclude`` (already tried)."""
+        if exclude is None:
+            exclude = ()
+        elif isinstance(exclude, Endpoint):
+            exclude = (exclude,)
         if self.policy.lb == LB_LEAST_REQUEST:
             return self._least_request(exclude)
         return self._round_robin(exclude)
 
-    def _round_robin(self, exclude: Endpoint | None) -> Endpoint:
+    def _round_robin(self, exclude: Collection[Endpoint]) -> Endpoint:
         eps = self.endpoints
         n = len(eps)
         health = self._health
-        check = bool(health.ejected) or exclude is not None
+        check = bool(health.ejected) or bool(exclude)
         for _ in range(n):
             ep = eps[self._next % n]
             self._next += 1
-            if not check or (ep != exclude and not health.is_ejected(ep.key)):
+            if not check or (ep not in exclude and not health.is_ejected(ep.key)):
                 return ep
         return self._panic(exclude)
 
-    def _least_request(self, exclude: Endpoint | None) -> Endpoint:
-        candidates = [ep for ep in self.endpoints if ep != exclude and not self._health.is_ejected(ep.key)]
+    def _least_request(self, exclude: Collection[Endpoint]) -> Endpoint:
+        candidates = [ep for ep in self.endpoints if ep not in exclude and not self._health.is_ejected(ep.key)]
         if not candidates:
             return self._panic(exclude)
         if len(candidates) == 1:
@@ -102,8 +110,9 @@ class ResolvedRoute:
         active = self._health.active
         return a if active.get(a.key, 0) <= active.get(b.key, 0) else b
 
-    def _panic(self, exclude: Endpoint | None) -> Endpoint:
-        others = [ep for ep in self.endpoints if ep != exclude] or list(self.endpoints)
+    def _panic(self, exclude: Collection[Endpoint]) -> Endpoint:
+        # ejected endpoints not yet tried, else (every endpoint tried) any of them
+        others = [ep for ep in self.endpoints if ep not in exclude] or list(self.endpoints)
         ep = others[self._next % len(others)]
         self._next += 1
         return ep

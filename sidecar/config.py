@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dnsfallback import DnsConfig
+from sidecar.limits import DEFAULT_LIMITS, Limits, connections_for_open_files, open_file_limit
 
 ENV_SERVICE = "SIDEMESH_SERVICE"
 ENV_INSTANCE = "SIDEMESH_INSTANCE"
@@ -46,7 +47,12 @@ class SidecarConfig:
     connect_timeout_s: float
     app_timeout_s: float
     eject_s: float
+    guard_grace_s: float
+    drain_delay_s: float
+    ping_interval_s: float
+    ping_timeout_s: float
     log_level: str
+    limits: Limits = DEFAULT_LIMITS  # what a client may do on a listener (sidecar/limits.py)
 
 
 def _hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
@@ -86,6 +92,26 @@ def _positive(text: str) -> float:
     return v
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
+def _nonnegative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return v
+
+
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sidemesh sidecar",
@@ -118,6 +144,41 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--initial-fetch-timeout", type=_positive, default=2.0, help="seconds to wait for the first snapshot before serving through DNS (default 2)")
     p.add_argument("--connect-timeout", type=_positive, default=1.0, help="seconds to connect to an upstream endpoint (default 1)")
     p.add_argument("--eject", type=_positive, default=3.0, help="seconds an endpoint that refused a connection is skipped (default 3)")
+    p.add_argument("--guard-grace", type=_positive, default=3.0,
+                   help="seconds a service the control plane stopped listing is kept at least, even once DNS says "
+                   "it does not exist (it is kept for good while DNS still knows it; default 3)")
+    p.add_argument("--ping-interval", type=_positive, default=10.0,
+                   help="seconds of silence on the discovery stream before the sidecar pings the control plane "
+                   "through it (gRPC keepalive proves the connection, this proves the stream; default 10)")
+    p.add_argument("--ping-timeout", type=_positive, default=5.0,
+                   help="seconds to wait for the answer to that ping before the stream counts as dead: the sidecar "
+                   "switches to DNS and reconnects (default 5)")
+    p.add_argument("--drain-delay", type=_nonnegative, default=1.0,
+                   help="on SIGTERM: seconds to keep serving inbound, answering 'Connection: close', after leaving "
+                   "the control plane and before refusing new connections, so callers move elsewhere first (default 1)")
+    lim = p.add_argument_group("limits", "what one client may do on a listener; see sidecar/limits.py")
+    lim.add_argument("--max-url-bytes", type=_positive_int, default=DEFAULT_LIMITS.max_url_bytes,
+                     help=f"longest request target; longer gets 414 (default {DEFAULT_LIMITS.max_url_bytes})")
+    lim.add_argument("--max-header-bytes", type=_positive_int, default=DEFAULT_LIMITS.max_header_bytes,
+                     help=f"largest header block; larger gets 431 (default {DEFAULT_LIMITS.max_header_bytes})")
+    lim.add_argument("--max-headers", type=_positive_int, default=DEFAULT_LIMITS.max_headers,
+                     help=f"most header fields in a request; more gets 431 (default {DEFAULT_LIMITS.max_headers})")
+    lim.add_argument("--head-timeout", type=_positive, default=DEFAULT_LIMITS.head_timeout_s,
+                     help="seconds to receive a whole request head, from the accept or from the request's first "
+                     f"byte; later gets 408 and a close (default {DEFAULT_LIMITS.head_timeout_s:g})")
+    lim.add_argument("--idle-timeout", type=_positive, default=DEFAULT_LIMITS.idle_timeout_s,
+                     help="seconds a kept-alive client connection may wait for its next request before it is "
+                     f"closed (default {DEFAULT_LIMITS.idle_timeout_s:g})")
+    lim.add_argument("--max-connections", type=_positive_int, default=None,
+                     help="client connections per listener (outbound; inbound with --extra-inbound); at the limit "
+                     "the oldest one that has not sent a whole request yet is closed to make room, else the new one "
+                     "(default: from the open-file limit, (RLIMIT_NOFILE - 128) / 4, at most 16384: 224 for 1024 files)")
+    lim.add_argument("--max-pipelined", type=_positive_int, default=DEFAULT_LIMITS.max_pipelined,
+                     help="pipelined requests queued per connection behind the one being answered; at the limit "
+                     f"the client is not read until the queue drains (default {DEFAULT_LIMITS.max_pipelined})")
+    lim.add_argument("--close-linger", type=_positive, default=DEFAULT_LIMITS.linger_s,
+                     help="seconds a refused client that may still be sending (414, 431, an unread body) is read "
+                     f"and ignored after the answer, so it sees the answer (default {DEFAULT_LIMITS.linger_s:g})")
     p.add_argument("--log-level", default=env.get(ENV_LOG_LEVEL, "info"), choices=["debug", "info", "warning", "error"], help="log level (default info)")
     return p
 
@@ -169,7 +230,21 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> S
         connect_timeout_s=a.connect_timeout,
         app_timeout_s=a.app_timeout,
         eject_s=a.eject,
+        guard_grace_s=a.guard_grace,
+        drain_delay_s=a.drain_delay,
+        ping_interval_s=a.ping_interval,
+        ping_timeout_s=a.ping_timeout,
         log_level=a.log_level,
+        limits=Limits(
+            max_url_bytes=a.max_url_bytes,
+            max_header_bytes=a.max_header_bytes,
+            max_headers=a.max_headers,
+            head_timeout_s=a.head_timeout,
+            idle_timeout_s=a.idle_timeout,
+            max_connections=a.max_connections or connections_for_open_files(open_file_limit()),
+            max_pipelined=a.max_pipelined,
+            linger_s=a.close_linger,
+        ),
     )
 
 

@@ -79,6 +79,7 @@ def hello(
     labels: dict[str, str],
     last_version: str,
     known_instances: tuple[str, ...],
+    known_endpoints: tuple[tuple[str, str, int], ...] = (),
 ) -> pb.DiscoveryRequest:
     return pb.DiscoveryRequest(
         hello=pb.Hello(
@@ -89,8 +90,18 @@ def hello(
             labels=labels,
             last_version=last_version,
             known_instances=known_instances,
+            known_endpoints=[pb.KnownEndpoint(service=s, address=a, port=p) for s, a, p in known_endpoints],
         )
     )
+
+
+def ping(seq: int) -> pb.DiscoveryRequest:
+    return pb.DiscoveryRequest(ping=pb.Ping(seq=seq))
+
+
+def is_pong(msg: pb.Snapshot) -> bool:
+    """A Snapshot that only answers a Ping: no table, not to be applied or acknowledged."""
+    return msg.pong != 0
 
 
 def ack(version: str, nonce: str) -> pb.DiscoveryRequest:

@@ -6,10 +6,16 @@ stream fails, closes, or its keepalive times out, tells the route book (which sw
 DNS) and reconnects with jittered exponential backoff. grpc errors are converted to
 ``ControlPlaneUnavailable`` here, at the boundary.
 
-Liveness: gRPC keepalive pings every ``keepalive_s`` and gives up ``keepalive_timeout_s``
-later, so a control plane that stops answering without closing (SIGSTOP, a partition) is
-noticed in a few seconds. Each attempt uses a fresh channel so our own backoff, not
-grpc's channel-level reconnect backoff (which grows to minutes), decides when we retry.
+Liveness, twice over. gRPC keepalive pings every ``keepalive_s`` and gives up
+``keepalive_timeout_s`` later, so a control plane that stops answering without closing
+(SIGSTOP, a partition) is noticed in a few seconds. That proves the connection, not the
+stream: a stream whose handler ended or hung on a live connection would look healthy
+forever. So once the stream has been quiet for ``ping_interval_s`` we send a Ping and
+expect some message back within ``ping_timeout_s``; silence tears the stream down like any
+other loss (DNS mode, reconnect), and ``connected`` is never true for a dead stream.
+
+Each attempt uses a fresh channel so our own backoff, not grpc's channel-level reconnect
+backoff (which grows to minutes), decides when we retry.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class Subscription(Protocol):
     def on_initial_fetch_timeout(self, timeout_s: float) -> None: ...
     def last_version(self) -> str: ...
     def known_instances(self) -> tuple[str, ...]: ...
+    def known_endpoints(self) -> tuple[tuple[str, str, int], ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +63,10 @@ class StreamSettings:
     first_message_timeout_s: float = 5.0
     keepalive_s: float = 1.0
     keepalive_timeout_s: float = 1.5
+    ping_interval_s: float = 10.0
+    ping_timeout_s: float = 5.0
+    # the control plane keeps its snapshots under the gRPC default; say it explicitly
+    max_receive_bytes: int = 4 * 1024 * 1024
 
     def channel_options(self) -> list[tuple[str, Any]]:
         return [
@@ -74,6 +85,7 @@ class StreamSettings:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.enable_retries", 0),
+            ("grpc.max_receive_message_length", self.max_receive_bytes),
         ]
 
 
@@ -124,6 +136,8 @@ class DiscoveryClient:
     async def _stream_once(self) -> None:
         self.attempts += 1
         channel = self._channel_factory(self.target, options=self.settings.channel_options())
+        call = None
+        reading: asyncio.Future[Any] | None = None
         try:
             stub = discovery_pb2_grpc.DiscoveryStub(channel)
             call = stub.Stream()
@@ -137,24 +151,33 @@ class DiscoveryClient:
                     labels=dict(ident.labels),
                     last_version=self.sub.last_version(),
                     known_instances=self.sub.known_instances(),
+                    known_endpoints=self.sub.known_endpoints(),
                 )
             )
-            first = True
+            s = self.settings
+            wait_s, silence = s.first_message_timeout_s, f"no snapshot within {s.first_message_timeout_s:g}s of connecting"
+            seq, pinged = 0, False
             while True:
-                if first:
-                    try:
-                        msg = await asyncio.wait_for(call.read(), self.settings.first_message_timeout_s)
-                    except TimeoutError:
-                        call.cancel()
-                        raise ControlPlaneUnavailable(
-                            f"no snapshot within {self.settings.first_message_timeout_s:g}s of connecting"
-                        ) from None
-                    first = False
-                else:
-                    msg = await call.read()
+                # one read in flight at a time; it survives our timeouts (cancelling a grpc.aio
+                # read would cancel the call), so a ping can go out while it waits
+                reading = reading or asyncio.ensure_future(call.read())
+                done, _ = await asyncio.wait({reading}, timeout=wait_s)
+                if not done:
+                    if not self.connected or pinged:
+                        raise ControlPlaneUnavailable(silence)
+                    seq, pinged = seq + 1, True
+                    await call.write(convert.ping(seq))
+                    wait_s, silence = s.ping_timeout_s, f"stream silent: no answer to ping {seq} within {s.ping_timeout_s:g}s"
+                    continue
+                msg = reading.result()
+                reading = None
                 if msg is grpc.aio.EOF:
                     raise ControlPlaneUnavailable("stream closed by the control plane")
+                # any message proves the stream alive
                 self.backoff.reset()
+                wait_s, pinged = s.ping_interval_s, False
+                if convert.is_pong(msg):
+                    continue
                 if not self.connected:
                     self.connected = True
                     log.info("event=controlplane_connected target=%s", self.target)
@@ -164,6 +187,11 @@ class DiscoveryClient:
         except (grpc.aio.UsageError, grpc.RpcError) as exc:
             raise ControlPlaneUnavailable(f"stream error: {exc}") from exc
         finally:
+            self.connected = False
+            if reading is not None and not reading.done():
+                reading.cancel()
+            if call is not None:
+                call.cancel()
             await channel.close(grace=None)
 
     def _apply(self, msg: convert.Snapshot) -> convert.DiscoveryRequest:

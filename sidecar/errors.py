@@ -4,8 +4,16 @@ Hierarchy::
 
     SidecarError (status 500)
     ├── BadRequest (400)            the app sent something we cannot route (no host, malformed target)
+    ├── RequestRejected (400)       the client broke a rule of the listener (sidecar/limits.py):
+    │   │                           answered once, then the connection closes
+    │   ├── MalformedRequest (400)  httptools could not parse it
+    │   ├── UntrustedFraming (400)  Connection names Content-Length, Transfer-Encoding or Host,
+    │   │                           or two Host lines (RFC 9112 3.2, 11.2)
+    │   ├── UpgradeRefused (405)    CONNECT or an Upgrade: sidemesh proxies plain HTTP/1.1
+    │   ├── HeadTimeout (408)       the request head did not arrive within the head timeout
+    │   ├── UrlTooLong (414)        request target over max_url_bytes
+    │   └── HeadTooLarge (431)      header block over max_header_bytes or max_headers
     ├── NoRoute (503)               nothing to send the request to
-    │   ├── UnknownService (503)    the control plane's table has no such service
     │   ├── NoEndpoints (503)       neither the control plane nor DNS gave endpoints; keeps both causes
     │   └── AppUnavailable (503)    inbound: the local app refuses connections (the caller retries elsewhere)
     ├── UpstreamError (502)         the chosen endpoint failed
@@ -48,13 +56,48 @@ class BadRequest(SidecarError):
     status = 400
 
 
+class RequestRejected(SidecarError):
+    """The client broke a rule of the listener; ``reason`` is the log's short token."""
+
+    status = 400
+    reason = "bad_request"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class MalformedRequest(RequestRejected):
+    reason = "malformed"
+
+
+class UntrustedFraming(RequestRejected):
+    reason = "untrusted_framing"
+
+
+class UpgradeRefused(RequestRejected):
+    status = 405
+    reason = "upgrade_unsupported"
+
+
+class HeadTimeout(RequestRejected):
+    status = 408
+    reason = "head_timeout"
+
+
+class UrlTooLong(RequestRejected):
+    status = 414
+    reason = "url_too_long"
+
+
+class HeadTooLarge(RequestRejected):
+    status = 431
+    reason = "header_block_too_large"
+
+
 class NoRoute(SidecarError):
     status = 503
-
-
-class UnknownService(NoRoute):
-    def __init__(self, service: str) -> None:
-        super().__init__(f"unknown service {service!r}: the mesh has no route for it", service=service)
 
 
 class NoEndpoints(NoRoute):

@@ -12,14 +12,25 @@ Why not aiohttp here: an aiohttp server + client forwarder does ~5k req/s per co
 class of machine, a bare Protocol + httptools forwarder 30-40k (issue 5). aiohttp stays
 for the admin API and the demo services.
 
+Hostile clients meet the named limits of ``sidecar/limits.py``: the request target and
+the header block are counted as httptools hands them over, and parsing stops at the limit
+(414, 431); one timer per connection holds its head and idle deadlines; at the connection
+limit the oldest connection with no request in progress makes room; a client that
+pipelines past ``max_pipelined`` is not read until its queue drains. A refused request is
+answered once, after the answers to the requests before it, and the connection closes.
+
 Failure handling, in order of preference:
 * a connect failure, or a connection that dies before a whole response head arrived,
-  on an idempotent request whose body we still hold -> retry on another endpoint
-  (the failed one is ejected for a few seconds when it refused the connection);
+  on a request we can send again -> retry on another endpoint when ``sidecar/retry.py``
+  says so (the failed one is ejected for a few seconds when it refused the connection);
 * nothing sent to the client yet -> a JSON error with the status of the SidecarError
   (400, 502, 503, 504) and the route header;
 * response already started -> the client connection is aborted, so the client sees a
   truncated response instead of a wrong one (Envoy does the same).
+
+``ProxyContext.drain()`` prepares a listener for shutdown: every later answer says
+``Connection: close`` and its connection closes after it, idle connections close at once,
+and exchanges in flight finish.
 """
 
 from __future__ import annotations
@@ -37,13 +48,21 @@ from sidecar.balancer import ResolvedRoute
 from sidecar.errors import (
     AppUnavailable,
     BadRequest,
+    HeadTimeout,
+    HeadTooLarge,
+    MalformedRequest,
+    RequestRejected,
     SidecarError,
+    UpgradeRefused,
     UpstreamConnectError,
     UpstreamReset,
     UpstreamTimeout,
+    UrlTooLong,
 )
 from sidecar.http1 import Framing
+from sidecar.limits import DEFAULT_LIMITS, Limits
 from sidecar.model import Endpoint
+from sidecar.retry import Failure, should_retry
 from sidecar.upstream import UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
@@ -56,8 +75,26 @@ OUTBOUND = "outbound"
 INBOUND = "inbound"
 _REPLAY_LIMIT = 64 * 1024  # request bodies up to this size are kept for a retry
 _BUFFER_LIMIT = 1024 * 1024  # buffered request body before we stop reading the client
-_MAX_ATTEMPTS = 3
 _ROUTE_DROP = frozenset({http1.ROUTE_HEADER})
+
+# What the one timer of a client connection is waiting for (see sidecar/limits.py)
+_FIRST = 0  # a fresh connection: its first head is due head_timeout_s after the accept
+_HEAD = 1  # a later head has begun: due head_timeout_s after its first byte
+_IDLE = 2  # between exchanges: the next request must begin within idle_timeout_s
+_BUSY = 3  # an exchange is in progress (its own route timeout applies); a stalled reader is cut
+_CLOSING = 4  # answered and closing or lingering: gone within linger_s, or aborted
+
+
+# refusals of a client that is likely still sending its head: read and drop it for a while
+_LINGER_AFTER = (UrlTooLong, HeadTooLarge)
+
+
+class _PipelineFull(Exception):
+    """Raised from a parser callback to stop parsing: the queue of pipelined requests is full."""
+
+
+class _Stopped(Exception):
+    """Raised from a parser callback to stop parsing: the connection takes no more requests."""
 
 
 class ProxyContext:
@@ -71,7 +108,7 @@ class ProxyContext:
         metrics: SidecarMetrics,
         book: RouteBook | None = None,
         app_route: ResolvedRoute | None = None,
-        idle_timeout_s: float = 300.0,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         if direction == OUTBOUND and book is None:
             raise ValueError("the outbound listener needs a route book")
@@ -82,9 +119,15 @@ class ProxyContext:
         self.metrics = metrics
         self.book = book
         self.app_route = app_route
-        self.idle_timeout_s = idle_timeout_s
-        self.connections: set[DownstreamConnection] = set()
+        self.limits = limits
+        self.draining = False
+        self.connections: dict[DownstreamConnection, None] = {}
+        # those that may be closed to make room (see ``admit``), oldest first: O(1) under a flood
+        self.evictable: dict[DownstreamConnection, None] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.evicted = 0
+        self.refused = 0
+        self._limit_logged_at = float("-inf")
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run the slow path (routing through DNS, opening a connection) as a task we can cancel on shutdown."""
@@ -92,12 +135,47 @@ class ProxyContext:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def admit(self, conn: DownstreamConnection, now: float) -> bool:
+        """Make room for ``conn`` under ``max_connections``; False when none can give way.
+
+        The one to give way is the oldest connection that has not sent a whole request head
+        yet (a slow or silent client) or that is lingering after a refusal. A connection that
+        has sent a request, busy or kept alive between requests, is never closed for room.
+        """
+        conns = self.connections
+        if len(conns) >= self.limits.max_connections:
+            victim = next(iter(self.evictable), None)
+            if victim is None:
+                self.refused += 1
+                self._log_limit(now)
+                return False
+            self.evicted += 1
+            self._log_limit(now)
+            victim.evict()
+        conns[conn] = None
+        self.evictable[conn] = None
+        return True
+
+    def drain(self) -> None:
+        """From now on every answer says ``Connection: close``; idle connections close at once."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain()
+        log.info("event=listener_draining direction=%s connections=%d", self.direction, len(self.connections))
+
+    def _log_limit(self, now: float) -> None:
+        if now - self._limit_logged_at >= 1.0:  # at most once a second under a flood
+            self._limit_logged_at = now
+            log.warning("event=connection_limit direction=%s limit=%d evicted_total=%d refused_total=%d",
+                        self.direction, self.limits.max_connections, self.evicted, self.refused)
+
 
 class DownstreamConnection(asyncio.Protocol):
     """A client connection: parses requests, runs their exchanges one after another."""
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
+        self.limits = ctx.limits
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.receiving: Exchange | None = None  # the request being parsed
@@ -105,53 +183,107 @@ class DownstreamConnection(asyncio.Protocol):
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
         self.closing = False
         self.half_closed = False  # the client sent EOF: answer what is in flight, then close
+        self.stopped = False  # no more requests are read: input is dropped
+        self._lingering = False  # half-closed by us after a refusal: reading and dropping input
+        self._refusal: bytes | None = None  # the answer owed once the exchanges before it are done
+        self._linger_at_end = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # header bytes of the head being parsed, as the callbacks see them
+        self._head_raw = 0  # bytes read while that head was incomplete (Limits.head_guard_bytes)
+        self._in_head = False
+        self._proven = False  # a whole request head arrived on it at least once
         self._paused = 0
+        self._pipeline_paused = False
         self.writing_paused = False  # the client reads slower than we write
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._writing_paused_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._kind = _FIRST
+        self._deadline = 0.0
 
     # ----- asyncio.Protocol -----
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.ctx.connections.add(self)
-        self._arm_idle()
+        loop = self._loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not self.ctx.admit(self, now):
+            self.closing = self.stopped = True
+            transport.close()
+            return
+        self._deadline = now + self.limits.head_timeout_s
+        self._timer = loop.call_at(self._deadline, self._tick)
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return
+        if self.stopped:
+            return  # closing, lingering, or a refusal is owed: the client's input is dropped
+        if self._in_head:
+            self._head_raw += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._protocol_error(405, "CONNECT and protocol upgrades are not supported; sidemesh proxies plain HTTP/1.1")
+            self._refuse(UpgradeRefused("CONNECT and protocol upgrades are not supported; sidemesh proxies plain HTTP/1.1"))
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RequestRejected):
+                self._refuse(cause)
+            elif isinstance(cause, _PipelineFull):
+                self._pipeline_overflow()
+            elif cause is None or isinstance(cause, httptools.HttpParserError):
+                self._refuse(MalformedRequest(f"malformed HTTP request: {cause or exc}"))
+            elif not isinstance(cause, _Stopped):
+                log.error("event=proxy_bug direction=%s reason=%r", self.ctx.direction, cause, exc_info=cause)
+                self._refuse(MalformedRequest(f"request could not be handled: {cause!r}"))
         except httptools.HttpParserError as exc:
-            self._protocol_error(400, f"malformed HTTP request: {exc}")
+            self._refuse(MalformedRequest(f"malformed HTTP request: {exc}"))
         else:
-            ex = self.active
-            if ex is not None:
-                ex.flush()
+            if self._in_head and self._head_raw > self.limits.head_guard_bytes:
+                self._refuse(HeadTooLarge(f"request head larger than {self.limits.head_guard_bytes} bytes"))
+        ex = self.active
+        if ex is not None:
+            ex.flush()
 
     def eof_received(self) -> bool:
-        # the client half-closed: finish what is in flight, then close
-        if self.active is None and self.receiving is None:
+        if self._lingering:
+            return False
+        if self._in_head:  # a partial head: that request can never complete
+            self._in_head = False
+            self.stopped = True
+        broken = self.receiving
+        if broken is not None:
+            # the client stopped mid-body: that exchange is aborted and its upstream closed
+            log.info("event=client_closed_mid_request direction=%s service=%s", self.ctx.direction, broken.service or "-")
+            self.receiving = None
+            self.stopped = True
+            if broken is self.active:
+                return False  # closes the transport; connection_lost aborts the exchange
+            self.queue.remove(broken)
+            broken.abort("client closed mid-request")
+        if self.active is None:
             return False
         self.half_closed = True
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        self.ctx.connections.discard(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self.closing = self.stopped = True
+        self.ctx.connections.pop(self, None)
+        self.ctx.evictable.pop(self, None)
+        self._loop = None  # no deadline matters any more
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for ex in [self.active, *self.queue]:
             if ex is not None:
                 ex.abort("client went away")
         self.queue.clear()
         self.active = None
+        self.receiving = None
 
     def pause_writing(self) -> None:
         self.writing_paused = True
+        if self._loop is not None:
+            self._writing_paused_at = self._loop.time()
         if self.active is not None and self.active.upstream is not None:
             self.active.upstream.pause_reading()
 
@@ -163,20 +295,44 @@ class DownstreamConnection(asyncio.Protocol):
     # ----- httptools callbacks -----
 
     def on_message_begin(self) -> None:
+        if self.stopped:
+            raise _Stopped
+        if len(self.queue) >= self.limits.max_pipelined:
+            raise _PipelineFull
         self._url = b""
         self._headers = []
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._head_bytes = 0
+        self._head_raw = 0
+        self._in_head = True
+        if self._kind != _FIRST:  # the first head keeps the deadline counted from the accept
+            self._deadline = self._loop.time() + self.limits.head_timeout_s  # type: ignore[union-attr]
+        self._kind = _HEAD
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > self.limits.max_url_bytes:
+            raise UrlTooLong(f"request target longer than {self.limits.max_url_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        headers = self._headers
+        headers.append((name, value))
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise HeadTooLarge(f"header block larger than {self.limits.max_header_bytes} bytes")
+        if len(headers) > self.limits.max_headers:
+            raise HeadTooLarge(f"more than {self.limits.max_headers} header fields", reason="too_many_headers")
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._kind = _BUSY
+        if not self._proven:  # a whole head: never closed for room from now on
+            self._proven = True
+            self.ctx.evictable.pop(self, None)
         p = self.parser
+        if p.should_upgrade():
+            # refused when httptools raises HttpParserUpgrade right after this callback; no
+            # exchange, so not a byte of it reaches an upstream
+            return
         ex = Exchange(
             self,
             p.get_method(),
@@ -191,6 +347,10 @@ class DownstreamConnection(asyncio.Protocol):
             ex.start()
         else:
             self.queue.append(ex)
+            if len(self.queue) >= self.limits.max_pipelined and not self._pipeline_paused:
+                # read no more until the queue drains: TCP flow control then holds the client back
+                self._pipeline_paused = True
+                self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
         if self.receiving is not None:
@@ -208,19 +368,33 @@ class DownstreamConnection(asyncio.Protocol):
         if ex is not self.active:
             return
         self.active = None
-        if not keep_alive or self.closing or (self.half_closed and not self.queue):
-            self.close()
+        if not keep_alive or self.closing or self.ctx.draining or (self.half_closed and not self.queue):
+            # a body still arriving is read and dropped for a while, so the client sees the answer
+            self._end(linger=self._linger_at_end or (self.receiving is ex and ex.req_framing != Framing.NONE))
             return
         if self.queue:
             nxt = self.queue.popleft()
             self.active = nxt
+            if not self._in_head:
+                self._kind = _BUSY
+            if self._pipeline_paused and len(self.queue) < self.limits.max_pipelined and not self.stopped:
+                self._pipeline_paused = False
+                self.resume_reading()
             nxt.start()
             nxt.flush()
-        elif self.receiving is None:
-            self._arm_idle()
+        elif self._refusal is not None:
+            self._answer_refusal()
+        elif not self._in_head and self.receiving is None:
+            self._kind = _IDLE
+            self._deadline = self._loop.time() + self.limits.idle_timeout_s  # type: ignore[union-attr]
+
+    def awaiting_body(self) -> None:
+        """The answer is out but the request body is not all in: it must come within the idle timeout."""
+        self._kind = _IDLE
+        self._deadline = self._loop.time() + self.limits.idle_timeout_s  # type: ignore[union-attr]
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closing:
+        if not self.closing and not self._lingering and self.transport is not None:
             self.transport.write(data)
 
     def pause_reading(self) -> None:
@@ -237,34 +411,132 @@ class DownstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closing:
-            self.closing = True
+            self.closing = self.stopped = True
+            self.ctx.evictable.pop(self, None)
             if self.transport is not None:
                 self.transport.close()
+            # a client that reads nothing would keep a closing transport (and its buffer) for good
+            self._expect(_CLOSING, self.limits.linger_s)
 
     def abort(self) -> None:
-        self.closing = True
+        self.closing = self.stopped = True
+        self.ctx.evictable.pop(self, None)
         if self.transport is not None:
             self.transport.abort()
 
-    def _protocol_error(self, status: int, message: str) -> None:
-        """The request stream is unparseable: answer once and close (the parser is lost)."""
-        log.info("event=bad_request direction=%s status=%d reason=%r", self.ctx.direction, status, message)
-        self.ctx.metrics.count(self.ctx.direction, "-", status)
-        if self.active is None or not self.active.response_started:
-            if self.active is not None:
-                self.active.abort("client sent a malformed request")
-                self.active = None
-            body = http1.json_error(status, message)
-            self.write(http1.error_response(status, body, route=b"error", close=True))
+    def evict(self) -> None:
+        """Make room under the connection limit (ProxyContext.admit)."""
+        self.ctx.connections.pop(self, None)
+        log.debug("event=connection_evicted direction=%s in_head=%s", self.ctx.direction, self._in_head)
         self.close()
 
-    def _arm_idle(self) -> None:
-        loop = asyncio.get_running_loop() if self.transport is not None else None
-        if loop is not None and self.ctx.idle_timeout_s:
-            self._idle_timer = loop.call_later(self.ctx.idle_timeout_s, self._idle_expired)
+    def drain(self) -> None:
+        if self.active is None and not self._in_head and self.receiving is None:
+            self.close()
 
-    def _idle_expired(self) -> None:
-        if self.active is None and self.receiving is None and not self.queue:
+    # ----- refusals and deadlines -----
+
+    def _refuse(self, err: RequestRejected) -> None:
+        """The request stream cannot go on: answer ``err`` once, after the answers owed before it, then close."""
+        log.info("event=request_rejected direction=%s status=%d reason=%s detail=%r",
+                 self.ctx.direction, err.status, err.reason, err.message)
+        self.ctx.metrics.count(self.ctx.direction, "-", err.status)
+        self.stopped = True
+        self._in_head = False
+        self._linger_at_end = isinstance(err, _LINGER_AFTER)
+        broken, self.receiving = self.receiving, None
+        if broken is not None and broken is not self.active:
+            self.queue.remove(broken)  # its body was unparseable: it is the one refused
+            broken.abort("client sent a malformed request")
+        elif broken is not None:
+            if broken.response_started:
+                broken.abort("client sent a malformed request")
+                self.abort()  # an answer is under way: cutting it is the only honest signal
+                return
+            broken.abort("client sent a malformed request")
+            self.active = None
+        self._refusal = http1.error_response(err.status, http1.json_error(err.status, err.message), route=b"error", close=True)
+        if self.active is None:
+            self._answer_refusal()
+        else:
+            self._kind = _BUSY
+            self.pause_reading()  # nothing more is parsed; the answers before the refusal go on
+
+    def _answer_refusal(self) -> None:
+        data, self._refusal = self._refusal, None
+        if data is not None:
+            self.write(data)
+        self._end(linger=self._linger_at_end)
+
+    def _pipeline_overflow(self) -> None:
+        # more requests arrived in one read than may queue; httptools cannot stop in the middle
+        # of a read and say where, so the rest of it is dropped: the last queued answer says
+        # Connection: close and the client retries the unanswered ones (RFC 9112 9.3.2)
+        log.info("event=pipeline_limit direction=%s queued=%d action=close_after_queue", self.ctx.direction, len(self.queue))
+        self.stopped = True
+        self._in_head = False
+        self._linger_at_end = True
+        self.queue[-1].keep_alive = False
+
+    def _end(self, *, linger: bool) -> None:
+        for ex in self.queue:
+            ex.abort("connection closing")
+        self.queue.clear()
+        transport = self.transport
+        if not linger or transport is None or self.closing or not transport.can_write_eof():
+            self.close()
+            return
+        # RFC 9112 9.6: close only the sending side and keep reading (and dropping) what the
+        # client still sends, so that our answer is not lost to a reset
+        self.stopped = self._lingering = True
+        self.ctx.evictable[self] = None  # it may make room for a new client
+        transport.write_eof()
+        if self._paused:
+            self._paused = 0
+            transport.resume_reading()
+        self._expect(_CLOSING, self.limits.linger_s)
+
+    def _expect(self, kind: int, within_s: float) -> None:
+        """Set a deadline sooner than the timer's next look (only on the rare closing paths)."""
+        loop = self._loop
+        if loop is None:
+            return
+        self._kind = kind
+        self._deadline = loop.time() + within_s
+        timer = self._timer
+        if timer is None or timer.when() > self._deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(self._deadline, self._tick)
+
+    def _tick(self) -> None:
+        # One timer per connection, never cancelled on the hot path: it wakes at least every
+        # Limits.tick_s, which is no later than any head or idle deadline set since it was armed,
+        # so changing the deadline per request costs two attribute writes, not a new timer.
+        self._timer = None
+        loop = self._loop
+        if loop is None or self.transport is None:
+            return
+        now = loop.time()
+        kind = self._kind
+        if kind == _BUSY:
+            if self.writing_paused and now - self._writing_paused_at >= self.limits.idle_timeout_s:
+                log.info("event=client_stalled direction=%s reason=not_reading_answers", self.ctx.direction)
+                self.abort()
+                return
+            self._timer = loop.call_at(now + self.limits.tick_s, self._tick)
+            return
+        if now < self._deadline:
+            self._timer = loop.call_at(min(self._deadline, now + self.limits.tick_s), self._tick)
+            return
+        if kind == _HEAD:
+            self._refuse(HeadTimeout(f"request head not received within {self.limits.head_timeout_s:g}s"))
+            if self._timer is None and self._loop is not None:
+                self._timer = loop.call_at(now + self.limits.tick_s, self._tick)  # answers before the 408 go on
+        elif kind == _CLOSING:
+            self.abort()
+        else:  # _FIRST with not a byte received, or _IDLE: nothing to answer
+            log.debug("event=connection_idle_closed direction=%s first=%s", self.ctx.direction, kind == _FIRST)
             self.close()
 
 
@@ -274,7 +546,7 @@ class Exchange:
     __slots__ = (
         "down", "ctx", "method", "target", "service", "headers", "keep_alive", "http10",
         "req_lines", "req_framing", "req_done", "req_pending", "req_pending_size", "replay", "replay_size",
-        "route", "endpoint", "upstream", "attempts", "reused", "sent_any",
+        "route", "endpoint", "tried", "upstream", "attempts", "reused", "sent_any",
         "response_started", "resp_framing_out", "resp_done", "resp_status", "resp_until_close", "far_retry",
         "timer", "out", "finished", "head_request", "_down_paused", "_up_paused",
     )
@@ -306,6 +578,7 @@ class Exchange:
         self.replay_size = 0
         self.route: ResolvedRoute | None = None
         self.endpoint: Endpoint | None = None
+        self.tried: tuple[Endpoint, ...] = ()  # endpoints of earlier attempts, skipped by a retry
         self.upstream: UpstreamConnection | None = None
         self.attempts = 0
         self.reused = False
@@ -341,8 +614,9 @@ class Exchange:
         self._dispatch(route)
 
     def _prepare(self) -> None:
+        # raises UntrustedFraming for a Connection header naming Content-Length & co.
         lines, framing, _ = http1.filter_headers(
-            self.headers, drop=_ROUTE_DROP if self.ctx.direction == OUTBOUND else frozenset()
+            self.headers, drop=_ROUTE_DROP if self.ctx.direction == OUTBOUND else frozenset(), request=True
         )
         self.req_framing = framing
         if self.ctx.direction == INBOUND:
@@ -394,11 +668,11 @@ class Exchange:
             self._dispatch(route)
             self.flush()
 
-    def _dispatch(self, route: ResolvedRoute, exclude: Endpoint | None = None) -> None:
+    def _dispatch(self, route: ResolvedRoute) -> None:
         self.route = route
         if self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(route.policy.timeout_s, self._timed_out)
-        endpoint = route.pick(exclude)
+        endpoint = route.pick(self.tried)
         self.endpoint = endpoint
         self.attempts += 1
         conn = self.ctx.pool.take_idle(endpoint.key)
@@ -416,7 +690,7 @@ class Exchange:
             self.ctx.book.health.eject(endpoint.key) if self.ctx.book is not None else None
             log.info("event=upstream_connect_failed service=%s endpoint=%s:%d reason=%r",
                      self.service or "app", endpoint.address, endpoint.port, exc.message)
-            self._retry_or_fail(exc, retry_allowed=True, nothing_processed=True)
+            self._retry_or_fail(exc, Failure.CONNECT)
             self.flush()
             return
         if self.finished:
@@ -429,6 +703,7 @@ class Exchange:
         self.upstream = conn
         self.reused = reused
         conn.exchange = self
+        conn.responded = False
         if self.down.writing_paused:
             # the client is still behind on an earlier (pipelined) response: do not read faster
             conn.pause_reading()
@@ -488,7 +763,7 @@ class Exchange:
                 self.out.append(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason or http1.reason(status)))
             return False
         if (status == 503 and self.ctx.direction == OUTBOUND and self._far_app_unavailable(headers)
-                and self._can_retry(nothing_processed=True)):
+                and self._may_retry(Failure.APP_UNAVAILABLE)):
             # the far sidecar's app is down: read this answer to its end, then retry elsewhere
             self.far_retry = True
             return False
@@ -519,7 +794,8 @@ class Exchange:
             # chunked, or close-delimited upstream: re-frame as chunked for the client
             self.resp_framing_out = Framing.CHUNKED
             out.append(b"transfer-encoding: chunked\r\n")
-        if not self.keep_alive:
+        if not self.keep_alive or self.ctx.draining:
+            self.keep_alive = False
             out.append(b"connection: close\r\n")
         out.append(b"\r\n")
         self.out.append(b"".join(out))
@@ -548,7 +824,7 @@ class Exchange:
                 self.ctx.book.health.eject(self.endpoint.key)
             log.info("event=far_app_unavailable service=%s endpoint=%s retrying=true", self.service, self._where())
             self._retry_or_fail(UpstreamConnectError(f"{self._where()}: its app is unavailable", service=self.service),
-                                retry_allowed=True, nothing_processed=True)
+                                Failure.APP_UNAVAILABLE)
             self.flush()
             return
         if not self.response_started:
@@ -562,7 +838,8 @@ class Exchange:
             self._release(conn, reusable=self.req_done)
         self._finish()
 
-    def on_upstream_lost(self, exc: Exception | None) -> None:
+    def on_upstream_lost(self, exc: Exception | None, *, responded: bool = True) -> None:
+        """The upstream connection closed; ``responded``: a byte of a response had arrived on it."""
         conn_key = self.endpoint.key if self.endpoint else None
         self.upstream = None
         if conn_key is not None and self.ctx.book is not None:
@@ -580,8 +857,11 @@ class Exchange:
             err = UpstreamReset(
                 f"upstream {self._where()} closed the connection before a response ({what})", service=self.service or None
             )
-            # a pooled connection the peer had already closed is the classic keep-alive race: retry it
-            self._retry_or_fail(err, retry_allowed=True)
+            # a pooled connection the peer had closed before a byte of answer is the keep-alive race
+            dead_pooled = self.reused and not responded
+            if dead_pooled:
+                log.debug("event=pooled_connection_dead service=%s endpoint=%s", self.service or "app", self._where())
+            self._retry_or_fail(err, Failure.DEAD_POOLED if dead_pooled else Failure.RESET)
         else:
             log.info("event=upstream_reset_mid_response service=%s endpoint=%s", self.service or "app", self._where())
             self.flush()
@@ -605,37 +885,32 @@ class Exchange:
 
     # ----- completion and failure -----
 
-    def _can_retry(self, *, nothing_processed: bool = False) -> bool:
+    def _may_retry(self, failure: Failure) -> bool:
         route = self.route
-        if (
-            route is None
-            or self.response_started
-            or self.replay is None
-            or not (self.req_done or not self.sent_any)
-            or self.attempts >= _MAX_ATTEMPTS
-        ):
-            return False
-        if self.attempts <= route.policy.retries:
-            return True
-        if nothing_processed and self.attempts < len(route.endpoints):
-            # a refused connection (or a far app that is down) processed nothing: trying each
-            # endpoint once is safe, and is what keeps a scale-down from failing calls
-            return True
-        return self.reused and self.attempts == 1  # the keep-alive race on a pooled connection
+        return route is not None and not self.response_started and should_retry(
+            failure,
+            attempts=self.attempts,
+            endpoints=len(route.endpoints),
+            policy_retries=route.policy.retries,
+            idempotent=self.method in http1.IDEMPOTENT,
+            # nothing sent yet (the body is still in req_pending), or all of it kept for replay
+            can_resend=not self.sent_any or (self.replay is not None and self.req_done),
+        )
 
     @staticmethod
     def _far_app_unavailable(headers: list[tuple[bytes, bytes]]) -> bool:
         return any(n.lower() == http1.ERROR_HEADER and v == http1.APP_UNAVAILABLE for n, v in headers)
 
-    def _retry_or_fail(self, err: SidecarError, *, retry_allowed: bool, nothing_processed: bool = False) -> None:
+    def _retry_or_fail(self, err: SidecarError, failure: Failure) -> None:
         route = self.route
-        if retry_allowed and self._can_retry(nothing_processed=nothing_processed):
+        if self._may_retry(failure):
             assert route is not None
             self.ctx.metrics.retries += 1
-            failed = self.endpoint
+            if self.endpoint is not None:
+                self.tried += (self.endpoint,)
             self.upstream = None
             self.resume_downstream_reading()  # the old upstream's full buffer no longer matters
-            self._dispatch(route, exclude=failed if len(route.endpoints) > 1 else None)
+            self._dispatch(route)
             return
         self.fail(err)
 
@@ -652,11 +927,17 @@ class Exchange:
         if self.ctx.direction == INBOUND and isinstance(err, UpstreamConnectError):
             err = AppUnavailable(f"the local app is not accepting connections ({err.message})")
             extra = b"%s: %s\r\n" % (http1.ERROR_HEADER, http1.APP_UNAVAILABLE)
-        log.info("event=request_failed direction=%s service=%s status=%d reason=%r",
-                 self.ctx.direction, self.service or "app", err.status, err.message)
+        rejected = isinstance(err, RequestRejected)
+        if isinstance(err, RequestRejected):
+            log.info("event=request_rejected direction=%s status=%d reason=%s detail=%r",
+                     self.ctx.direction, err.status, err.reason, err.message)
+        else:
+            log.info("event=request_failed direction=%s service=%s status=%d reason=%r",
+                     self.ctx.direction, self.service or "app", err.status, err.message)
         self.response_started = True
         self.resp_status = err.status
-        close = not self.keep_alive or not self.req_done and self.req_framing != Framing.NONE and self.http10
+        close = (not self.keep_alive or rejected or self.ctx.draining
+                 or not self.req_done and self.req_framing != Framing.NONE and self.http10)
         route = self._route_value() if self.route else self._mode_value()
         self.out.append(http1.error_response(err.status, err.to_json(), route=route, close=close, extra=extra))
         self.keep_alive = self.keep_alive and not close
@@ -683,12 +964,15 @@ class Exchange:
 
     def _maybe_done(self) -> None:
         # the client connection moves on once the response is written and the request read
-        if self.req_done:
+        if self.req_done or not self.keep_alive:
+            # (an answer that said close does not wait for the rest of the body)
             self.flush()
-            self.down.exchange_done(self, keep_alive=self.keep_alive)
-        elif self._down_paused:
+            self.down.exchange_done(self, keep_alive=self.keep_alive and self.req_done)
+            return
+        if self._down_paused:
             self._down_paused = False
             self.down.resume_reading()
+        self.down.awaiting_body()
 
     def _release(self, conn: UpstreamConnection, *, reusable: bool) -> None:
         if self.ctx.book is not None:

@@ -1,24 +1,16 @@
-"""The route book: which endpoints serve each service, given the mode, the last-known-good
-control-plane table, guarded services and DNS.
+"""The route book: holds the inputs of routing (mode, last applied table, guards, names
+learned through DNS) and the routes computed from them.
 
-Decisions are pure functions (``plan_update``, ``build_routes``); ``RouteBook`` holds the
-inputs, recomputes the routes whenever one changes (never per request), and is the
+The decisions are the pure functions of ``routeplan`` (what a snapshot does to what we can
+route, where each service routes, when a guard ends); ``RouteBook`` only keeps the inputs,
+recomputes the routes whenever one changes (never per request), and is the
 ``Subscription`` the discovery client feeds (Envoy's vocabulary: ``on_config_update``,
 ``on_config_update_failed``).
 
-Routing rules (DESIGN.md "Failover"):
-
-* ``controlplane``: the table's endpoints. A service the latest snapshot dropped (or left
-  without endpoints) while we still had endpoints for it is *guarded*: kept, and confirmed
-  through DNS (DNS answer if fresh, else the last-known endpoints). DNS saying the name does
-  not exist releases the guard: the service is really gone. Compare Envoy's minimum-clusters
-  guard and gRPC's rule of ignoring resource deletions (gRFC A53).
-* ``dns``: a fresh DNS answer wins; else the last-known-good endpoints (table or guard);
-  else a stale DNS answer (RFC 8767 serve-stale); else a 503 that names both causes.
-* ``connecting``: no routes; requests wait (bounded) until the mode settles.
-
-A snapshot with no services at all, arriving while we route to some, is rejected outright
-(NACK): it would empty the table, which is never what a healthy control plane means.
+Names the control plane does not list are looked up in DNS before a call fails, in every
+mode (the DNS floor); they are cached and kept fresh like every other DNS name, and dropped
+from the book when DNS says they do not exist, so an app that asks for random names cannot
+grow it without bound.
 """
 
 from __future__ import annotations
@@ -26,20 +18,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dnsfallback import CachedLookup, DnsLookupError
 
 from sidecar.balancer import EndpointHealth, ResolvedRoute
-from sidecar.errors import NoEndpoints, NoRoute, SnapshotRejected, UnknownService
+from sidecar.errors import NoEndpoints, NoRoute, SnapshotRejected
 from sidecar.failover import Event, FailoverState, Mode, Transition
-from sidecar.model import Endpoint, Policy, RouteTable, Source
+from sidecar.model import RouteTable
+from sidecar.routeplan import Guard, build_routes, dns_gone, guards_to_release, hello_knowledge, plan_update, routable_now
 
 log = logging.getLogger("sidemesh.sidecar.routing")
 
-_GONE = ("nxdomain", "no_answer")
+# a guard outlives a negative DNS answer by at least this long (see routeplan.guards_to_release)
+DEFAULT_GUARD_GRACE_S = 3.0
+# how often guards and DNS-learned names are checked against the DNS cache
+SWEEP_INTERVAL_S = 1.0
+# names learned through DNS that the book keeps at most (the app chooses them)
+MAX_DNS_NAMES = 1024
 
 
 class Resolver(Protocol):
@@ -48,102 +46,8 @@ class Resolver(Protocol):
     def peek(self, service: str) -> CachedLookup | None: ...
     async def resolve(self, service: str) -> Any: ...
     def watch(self, services: Iterable[str]) -> None: ...
+    def unwatch(self, services: Iterable[str] | None = None) -> None: ...
     def on_change(self, callback: Callable[[str, CachedLookup], None]) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Guard:
-    """A service kept although the control plane stopped listing it."""
-
-    endpoints: tuple[Endpoint, ...]
-    policy: Policy
-    reason: str
-    since: float
-
-
-@dataclass(frozen=True, slots=True)
-class UpdatePlan:
-    guards: dict[str, Guard]
-    newly_guarded: tuple[str, ...]
-    released: tuple[str, ...]
-
-
-def plan_update(prev: RouteTable | None, new: RouteTable, guards: Mapping[str, Guard], now: float) -> UpdatePlan:
-    """Decide how a validated snapshot is applied; raise SnapshotRejected if it must not be."""
-    routable_before = _routable(prev, guards)
-    if not new.services and routable_before:
-        raise SnapshotRejected(
-            new.version,
-            f"empty snapshot would remove all {len(routable_before)} services "
-            f"({', '.join(sorted(routable_before))}); kept version {prev.version if prev else '-'}",
-        )
-    out: dict[str, Guard] = {}
-    newly: list[str] = []
-    for name, endpoints_policy in routable_before.items():
-        entry = new.services.get(name)
-        if entry is not None and entry.endpoints:
-            continue
-        if name in guards:
-            out[name] = guards[name]
-            continue
-        endpoints, policy = endpoints_policy
-        what = "dropped" if entry is None else "left without endpoints"
-        out[name] = Guard(endpoints, policy, f"{what} by snapshot {new.version}; kept last-known endpoints, confirming through DNS", now)
-        newly.append(name)
-    released = tuple(name for name in guards if name not in out)
-    return UpdatePlan(out, tuple(newly), released)
-
-
-def _routable(table: RouteTable | None, guards: Mapping[str, Guard]) -> dict[str, tuple[tuple[Endpoint, ...], Policy]]:
-    out = {name: (g.endpoints, g.policy) for name, g in guards.items()}
-    if table is not None:
-        out.update({name: (e.endpoints, e.policy) for name, e in table.services.items() if e.endpoints})
-    return out
-
-
-def dns_endpoints(lookup: CachedLookup, port: int) -> tuple[Endpoint, ...]:
-    assert lookup.answer is not None
-    return tuple(Endpoint(addr, port, addr) for addr in lookup.answer.addresses)
-
-
-def build_routes(
-    mode: Mode,
-    table: RouteTable | None,
-    guards: Mapping[str, Guard],
-    dns_names: Iterable[str],
-    peek: Callable[[str], CachedLookup | None],
-    dns_port: int,
-    health: EndpointHealth,
-) -> dict[str, ResolvedRoute]:
-    """Every routable service -> its route, for the given inputs. Pure apart from ``peek``."""
-    routes: dict[str, ResolvedRoute] = {}
-    if mode is Mode.CONNECTING:
-        return routes
-    if mode is Mode.CONTROLPLANE and table is not None:
-        for name, entry in table.services.items():
-            if entry.endpoints:
-                routes[name] = ResolvedRoute(name, entry.endpoints, Source.CONTROLPLANE, health, entry.policy)
-        for name, guard in guards.items():
-            if name in routes:
-                continue
-            lookup = peek(name)
-            if lookup is not None and lookup.fresh and lookup.answer and lookup.answer.addresses:
-                routes[name] = ResolvedRoute(name, dns_endpoints(lookup, dns_port), Source.DNS, health, guard.policy)
-            else:
-                routes[name] = ResolvedRoute(name, guard.endpoints, Source.CACHE, health, guard.policy)
-        return routes
-    # dns mode (or controlplane without a table, which cannot happen: snapshot_applied sets one)
-    lkg = _routable(table, guards)
-    for name in set(lkg) | set(dns_names):
-        lookup = peek(name)
-        policy = lkg[name][1] if name in lkg else Policy()
-        if lookup is not None and lookup.fresh and lookup.answer and lookup.answer.addresses:
-            routes[name] = ResolvedRoute(name, dns_endpoints(lookup, dns_port), Source.DNS, health, policy)
-        elif name in lkg:
-            routes[name] = ResolvedRoute(name, lkg[name][0], Source.CACHE, health, policy)
-        elif lookup is not None and lookup.answer and lookup.answer.addresses:
-            routes[name] = ResolvedRoute(name, dns_endpoints(lookup, dns_port), Source.CACHE, health, policy)
-    return routes
 
 
 @dataclass(slots=True)
@@ -158,6 +62,7 @@ class _Counters:
     transitions: dict[tuple[str, str, str], int] = field(default_factory=dict)
     rejected: int = 0
     guarded: int = 0
+    released: int = 0
 
 
 class RouteBook:
@@ -171,6 +76,8 @@ class RouteBook:
         health: EndpointHealth | None = None,
         failover: FailoverState | None = None,
         settle_timeout_s: float = 3.0,
+        guard_grace_s: float = DEFAULT_GUARD_GRACE_S,
+        sweep_interval_s: float = SWEEP_INTERVAL_S,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.resolver = resolver
@@ -178,6 +85,8 @@ class RouteBook:
         self.health = health or EndpointHealth()
         self.failover = failover or FailoverState(clock=wall_clock)
         self.settle_timeout_s = settle_timeout_s
+        self.guard_grace_s = guard_grace_s
+        self.sweep_interval_s = sweep_interval_s
         self._wall = wall_clock
         self.table: RouteTable | None = None
         self.applied_at: float | None = None
@@ -187,6 +96,7 @@ class RouteBook:
         self.controlplane_cause = "no snapshot received yet"
         self._dns_names: set[str] = set()
         self._settled = asyncio.Event()
+        self._sweeper: asyncio.TimerHandle | None = None
         self.routes: dict[str, ResolvedRoute] = {}
         resolver.on_change(self._on_dns_change)
 
@@ -200,22 +110,31 @@ class RouteBook:
         return self.table.version if self.table else ""
 
     def known_instances(self) -> tuple[str, ...]:
-        return self.table.instances() if self.table else ()
+        return hello_knowledge(self.table, self.guards, self.routes)[0]
+
+    def known_endpoints(self) -> tuple[tuple[str, str, int], ...]:
+        return hello_knowledge(self.table, self.guards, self.routes)[1]
 
     def on_config_update(self, table: RouteTable) -> None:
         """Apply a validated snapshot, or raise SnapshotRejected (the caller NACKs)."""
         now = self._wall()
-        plan = plan_update(self.table, table, self.guards, now)
+        routable = routable_now(self.table, self.guards, self.routes)
+        plan = plan_update(routable, table, self.guards, now, kept_version=self.table.version if self.table else "-")
         self.table = table
         self.applied_at = now
         self.guards = plan.guards
         for name in plan.newly_guarded:
             self.counters.guarded += 1
-            log.warning("event=update_guarded service=%s version=%s reason=%r", name, table.version, plan.guards[name].reason)
+            log.warning("event=update_guarded service=%s version=%s origin=%s reason=%r",
+                        name, table.version, plan.guards[name].origin, plan.guards[name].reason)
         for name in plan.released:
+            self.counters.released += 1
             log.info("event=guard_released service=%s reason=listed_again version=%s", name, table.version)
+        # a name the control plane lists is no longer ours to keep through DNS
+        self._dns_names -= set(table.services)
         self.resolver.watch(set(table.services) | set(self.guards))
         self.controlplane_cause = "connected"
+        self._release_disowned(now)
         self._transition(Event.SNAPSHOT_APPLIED, f"snapshot {table.version} applied")
         self._recompute()
 
@@ -248,11 +167,50 @@ class RouteBook:
     # ----- DNS -----
 
     def _on_dns_change(self, service: str, lookup: CachedLookup) -> None:
-        err = lookup.error
-        if service in self.guards and err is not None and err.reason in _GONE and lookup.answer is None:
-            del self.guards[service]
-            log.info("event=guard_released service=%s reason=dns_%s", service, err.reason)
+        if dns_gone(lookup) and service in self._dns_names:
+            self._forget_dns_name(service)
+        self._release_disowned(self._wall())
         self._recompute()
+
+    def _release_disowned(self, now: float) -> None:
+        """End the guards DNS says are gone (after their grace); keep sweeping while any remain."""
+        for name in guards_to_release(self.guards, self.resolver.peek, now, self.guard_grace_s):
+            guard = self.guards.pop(name)
+            self.counters.released += 1
+            log.info("event=guard_released service=%s reason=dns_says_gone origin=%s held_s=%.1f",
+                     name, guard.origin, now - guard.since)
+            if name not in self._dns_names and (self.table is None or name not in self.table.services):
+                self.resolver.unwatch((name,))
+        self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        if self._sweeper is not None or not (self.guards or self._dns_names):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (pure unit tests drive the book by hand)
+        self._sweeper = loop.call_later(self.sweep_interval_s, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        for name in [n for n in self._dns_names if dns_gone(self.resolver.peek(n))]:
+            self._forget_dns_name(name)
+        before = len(self.guards)
+        self._release_disowned(self._wall())
+        if len(self.guards) != before:
+            self._recompute()
+
+    def _forget_dns_name(self, service: str) -> None:
+        self._dns_names.discard(service)
+        if service not in self.guards and (self.table is None or service not in self.table.services):
+            self.resolver.unwatch((service,))
+        log.info("event=dns_name_forgotten service=%s reason=dns_says_gone", service)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     # ----- data path -----
 
@@ -261,7 +219,7 @@ class RouteBook:
         return self.routes.get(service)
 
     async def route_slow(self, service: str) -> ResolvedRoute:
-        """Wait for the mode to settle, resolve through DNS if that can help; raise NoRoute."""
+        """Wait for the mode to settle, then look the name up in DNS (the floor); raise NoRoute."""
         if not self._settled.is_set():
             try:
                 await asyncio.wait_for(self._settled.wait(), self.settle_timeout_s)
@@ -270,19 +228,30 @@ class RouteBook:
         route = self.routes.get(service)
         if route is not None:
             return route
-        if self.failover.mode is Mode.CONTROLPLANE:
-            raise UnknownService(service)
         try:
             await self.resolver.resolve(service)
         except DnsLookupError as exc:
-            raise NoEndpoints(service, controlplane_cause=self.controlplane_cause, dns_cause=str(exc)) from exc
+            raise NoEndpoints(service, controlplane_cause=self._why_not_listed(service), dns_cause=str(exc)) from exc
+        route = self.routes.get(service)
+        if route is not None:  # someone else's lookup of the same name landed first
+            return route
+        if service not in self._dns_names and len(self._dns_names) >= MAX_DNS_NAMES:
+            raise NoRoute(f"no route for {service!r}: this sidecar already serves {MAX_DNS_NAMES} names "
+                          "through DNS that the control plane does not list", service=service)
         self._dns_names.add(service)
         self.resolver.watch((service,))
+        log.info("event=dns_name_learned service=%s mode=%s", service, self.failover.mode)
         self._recompute()
+        self._schedule_sweep()
         route = self.routes.get(service)
         if route is None:
             raise NoRoute(f"no endpoints for {service!r}", service=service)
         return route
+
+    def _why_not_listed(self, service: str) -> str:
+        if self.failover.mode is Mode.CONTROLPLANE and self.table is not None:
+            return f"not listed by snapshot {self.table.version}"
+        return self.controlplane_cause
 
     def _recompute(self) -> None:
         self.routes = build_routes(
@@ -300,11 +269,13 @@ class RouteBook:
     def state(self) -> dict[str, Any]:
         now = self._wall()
         services: dict[str, Any] = {}
+        listed = set(self.table.services) if self.table is not None else set()
         for name, route in sorted(self.routes.items()):
             guard = self.guards.get(name)
             services[name] = {
                 "source": route.source.value,
                 "guard": guard.reason if guard else None,
+                "listed": name in listed,
                 "policy": {"timeout_s": route.policy.timeout_s, "retries": route.policy.retries, "lb": route.policy.lb},
                 "endpoints": [
                     {
@@ -326,9 +297,12 @@ class RouteBook:
             "transitions": [_transition_json(t) for t in self.failover.history],
             "services": services,
             "guarded": [
-                {"service": name, "reason": g.reason, "since": g.since, "endpoints": len(g.endpoints)}
+                {"service": name, "reason": g.reason, "origin": g.origin.value, "since": g.since,
+                 "endpoints": len(g.endpoints)}
                 for name, g in sorted(self.guards.items())
             ],
+            # names routed only because DNS knows them (the DNS floor), not listed by any table
+            "dns_names": sorted(self._dns_names - set(self.guards)),
             "rejected": [{"version": r.version, "reason": r.reason, "at": r.at} for r in self.rejected],
         }
 

@@ -26,7 +26,7 @@ Key = tuple[str, int]
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "exchange", "closed", "idle_since",
-        "_status_reason", "_headers", "_head_only", "reading_paused",
+        "_status_reason", "_headers", "_head_only", "reading_paused", "responded",
     )
 
     def __init__(self, pool: UpstreamPool, key: Key) -> None:
@@ -41,6 +41,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_only = False
         self.reading_paused = False
+        # a byte of a response arrived since the exchange attached (else a death is the keep-alive race)
+        self.responded = False
 
     # ----- asyncio.Protocol -----
 
@@ -82,7 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is not None:
             self.exchange = None
             if ex.upstream is self:
-                ex.on_upstream_lost(exc)
+                ex.on_upstream_lost(exc, responded=self.responded)
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
@@ -95,6 +97,7 @@ class UpstreamConnection(asyncio.Protocol):
     # ----- httptools callbacks -----
 
     def on_message_begin(self) -> None:
+        self.responded = True
         self._headers = []
         self._status_reason = b""
 

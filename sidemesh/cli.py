@@ -20,7 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "start": ("sidemesh.ctl", "start a stopped component of the running `sidemesh up`"),
     "status": ("sidemesh.status", "show the control plane and every sidecar: mode, route version, age"),
     "fault": ("sidemesh.ctl", "inject a fault into the control plane (empty-snapshot, drop-service NAME, clear)"),
-    "demo": ("sidemesh.demo", "drills: `sidemesh demo failover` kills and restarts the control plane under load"),
+    "demo": ("sidemesh.demo", "drills under load: `demo failover` (a control-plane outage), "
+             "`demo chaos` (seeded random faults)"),
     "controlplane": ("controlplane.app", "run the control plane (gRPC :15010, HTTP :15014)"),
     "sidecar": ("sidecar.app", "run one sidecar proxy (outbound :15001, inbound :15006, admin :15000)"),
     "service": ("services.app", "run a demo service: artist, song or image (:8080)"),

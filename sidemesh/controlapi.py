@@ -7,17 +7,22 @@
     POST /stop    {"name": "controlplane"}    SIGTERM, wait, SIGKILL stragglers
     POST /start   {"name": "controlplane"}    start again, same address and arguments; waits till ready
 
-Errors are JSON ``{"error": "...", "status": N}``: 400 bad input, 404 unknown name.
+Errors are JSON ``{"error": "...", "status": N}``: 400 bad input, 404 unknown name,
+403 for a POST from a peer outside the admin policy's networks (loopback by
+default, which is where `sidemesh up` and its clients run) without the admin
+bearer token (``sidemesh.adminauth``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from sidemesh.adminauth import AdminPolicy, admin_middleware, policy_from_env
 from sidemesh.layout import CP_HTTP_PORT, DNS_API_PORT, DNS_PORT, GRPC_PORT, HostPort
 from sidemesh.supervisor import ActionError, Supervisor
 
@@ -91,9 +96,14 @@ def _action(verb: str) -> Handler:
     return handler
 
 
-def make_app(sup: Supervisor, control: HostPort) -> web.Application:
-    """The aiohttp application of the control API for ``sup``."""
-    app = web.Application()
+def make_app(sup: Supervisor, control: HostPort, *, admin: AdminPolicy | None = None) -> web.Application:
+    """The aiohttp application of the control API for ``sup``.
+
+    ``admin`` guards the POSTs; without one, ``$SIDEMESH_ADMIN_ALLOW`` and the
+    token env vars decide (loopback only and no token when they are unset).
+    """
+    policy = admin if admin is not None else policy_from_env(os.environ)
+    app = web.Application(middlewares=[admin_middleware(policy)])
     app[SUPERVISOR_KEY] = sup
     app[CONTROL_KEY] = control
     app.router.add_get("/pods", _guarded(pods))

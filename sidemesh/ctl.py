@@ -3,7 +3,9 @@
 scale/kill/stop/start are clients of the control API of ``sidemesh up`` (see
 ``sidemesh.controlapi``); ``fault`` posts to the control plane's own ``/faults``,
 found through the control API's ``/mesh`` or given with ``--controlplane-http``
-(in compose: ``controlplane:15014``).
+(in compose: ``controlplane:15014``). Both send ``Authorization: Bearer
+$SIDEMESH_ADMIN_TOKEN`` when that variable is set, for servers that do not
+serve state changes to the caller's address without it (``sidemesh.adminauth``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
 import uvloop
 
+from sidemesh.adminauth import ENV_ADMIN_TOKEN, client_headers
 from sidemesh.layout import CONTROL_PORT, DEFAULT_SUBNET, LayoutError, MeshLayout, parse_hostport
 
 ENV_CONTROL = "SIDEMESH_CONTROL"
@@ -29,23 +32,28 @@ class CtlError(Exception):
     """A failure to report to the user as one line, exit status 1."""
 
 
+EPILOG = (f"environment: {ENV_ADMIN_TOKEN}, when set, is sent as 'Authorization: Bearer <token>' with every "
+          "state change; servers ask for it from addresses outside their --admin-allow (default loopback).")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sidemesh", description="Steer a running `sidemesh up`.")
+    p = argparse.ArgumentParser(prog="sidemesh", description="Steer a running `sidemesh up`.", epilog=EPILOG)
     control = argparse.ArgumentParser(add_help=False)
     control.add_argument("--control", default=os.environ.get(ENV_CONTROL, DEFAULT_CONTROL), metavar="ADDR:PORT",
                          help=f"control API of the running `sidemesh up`; env {ENV_CONTROL}; default %(default)s")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("scale", parents=[control], prog="sidemesh scale",
+    s = sub.add_parser("scale", parents=[control], prog="sidemesh scale", epilog=EPILOG,
                        help="set replica counts", description="Run replicas 1..N of a service: new ones start "
                        "(next numbers) and are waited for; those above N are stopped and removed.")
     s.add_argument("counts", nargs="+", metavar="SERVICE=N", help="e.g. artist=3 (several allowed)")
     for verb, what in (("kill", "SIGKILL every process of NAME, like `docker compose kill`"),
                        ("stop", "stop NAME: SIGTERM, wait, SIGKILL what is left"),
                        ("start", "start NAME again with the same address and arguments, and wait till it answers")):
-        v = sub.add_parser(verb, parents=[control], prog=f"sidemesh {verb}", help=what, description=what + ".")
+        v = sub.add_parser(verb, parents=[control], prog=f"sidemesh {verb}", help=what, description=what + ".",
+                           epilog=EPILOG)
         v.add_argument("name", metavar="NAME",
                        help="controlplane, dns, a service (all its replicas: artist) or one replica (artist-2)")
-    f = sub.add_parser("fault", parents=[control], prog="sidemesh fault", help="inject a control-plane fault",
+    f = sub.add_parser("fault", parents=[control], prog="sidemesh fault", help="inject a control-plane fault", epilog=EPILOG,
                        description="Inject a fault into the control plane for drills: empty-snapshot (push a snapshot "
                        "with no services), drop-service NAME (push snapshots without NAME), clear (back to normal).")
     f.add_argument("target", choices=("controlplane",), help="what to fault (only the control plane takes faults)")
@@ -77,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _run(args: argparse.Namespace, control: str) -> int:
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, connect=2.0)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with aiohttp.ClientSession(timeout=timeout, headers=client_headers(os.environ)) as session:
         api = ControlClient(session, control)
         if args.command == "scale":
             for item in args.counts:
@@ -101,9 +109,12 @@ async def _run(args: argparse.Namespace, control: str) -> int:
 class ControlClient:
     """Talks JSON to the control API; turns connection failures and error bodies into CtlError."""
 
-    def __init__(self, session: aiohttp.ClientSession, control: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, control: str, *,
+                 headers: Mapping[str, str] | None = None) -> None:
         self._session = session
         self.control = control
+        # the admin token from the environment unless the caller says otherwise
+        self._headers = dict(client_headers(os.environ) if headers is None else headers)
 
     async def get(self, path: str) -> Any:
         return await self._call("GET", path, None)
@@ -113,7 +124,8 @@ class ControlClient:
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
         try:
-            async with self._session.request(method, f"http://{self.control}{path}", json=body) as resp:
+            async with self._session.request(method, f"http://{self.control}{path}", json=body,
+                                             headers=self._headers) as resp:
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise CtlError(f"no running `sidemesh up` at {self.control}; start one with `sidemesh up` "
@@ -127,7 +139,7 @@ class ControlClient:
 
 async def post_fault(session: aiohttp.ClientSession, target: str, body: dict[str, str]) -> Any:
     try:
-        async with session.post(f"http://{target}/faults", json=body) as resp:
+        async with session.post(f"http://{target}/faults", json=body, headers=client_headers(os.environ)) as resp:
             text = await resp.text()
     except (aiohttp.ClientConnectionError, TimeoutError) as exc:
         raise CtlError(f"control plane at {target} not reachable ({type(exc).__name__}: {exc})") from exc

@@ -1,12 +1,15 @@
-"""``sidemesh demo failover``: the March 2022 outage as a drill, against a running mesh.
+"""``sidemesh demo``: drills against a running mesh. ``failover`` is the March 2022 outage;
+``chaos`` is random faults from a seeded schedule (``sidemesh.chaos``).
 
 Drives steady load on song-details, kills the control plane (SIGKILL, like
 ``docker compose kill``), waits, starts it again, and prints per phase (before / outage /
 after) the requests, failures, p50 and p99, and every sidecar's mode changes with their
 times. Exit status 1 if any request failed, so it doubles as a check.
 
-Works against ``sidemesh up`` (through its control API) and, with ``--compose``, against
-the docker compose deployment (``docker compose kill/start controlplane``).
+Both work against ``sidemesh up`` (through its control API) and, with ``--compose``, against
+the docker compose deployment (the control-plane container killed and started, as
+``docker compose kill/start controlplane`` do); the steering is
+``sidemesh.drilltarget``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -24,8 +26,11 @@ from typing import Any
 import aiohttp
 import uvloop
 
+from sidemesh import chaos
 from sidemesh import status as status_mod
-from sidemesh.ctl import DEFAULT_CONTROL, ENV_CONTROL, ControlClient, CtlError
+from sidemesh.chaosschedule import DEFAULT_FAULTS_PER_MINUTE, MIN_DURATION_S, RECOVERY_GAP_S
+from sidemesh.ctl import DEFAULT_CONTROL, ENV_CONTROL, CtlError
+from sidemesh.drilltarget import ComposeMesh, LocalMesh
 from sidemesh.load import LoadGenerator, Result, song_details_problem, summarize
 
 PHASES = ("before", "outage", "after")
@@ -50,7 +55,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="sidemesh demo",
         description="Drills against a running mesh. `sidemesh demo failover` kills the control plane under load "
-        "and shows that no request fails.",
+        "and shows that no request fails; `sidemesh demo chaos` does the same through random faults of every kind.",
     )
     sub = p.add_subparsers(dest="drill", required=True)
     f = sub.add_parser(
@@ -73,68 +78,50 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     f.add_argument("--start-at", type=float, default=20.0, help="second at which it is started again (default 20)")
     f.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     f.add_argument("--quiet", action="store_true", help="no progress lines")
+    _chaos_parser(sub, os.environ.get(ENV_CONTROL, DEFAULT_CONTROL))
     return p.parse_args(list(argv))
 
 
-# ----- steering: local `sidemesh up` or docker compose -----
+def _chaos_parser(sub: Any, control: str) -> None:
+    c = sub.add_parser(
+        "chaos",
+        prog="sidemesh demo chaos",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Open-loop load on song-details while random faults from a seeded schedule hit the mesh:
+control plane kill/start, freeze (SIGSTOP/SIGCONT), restart bursts, injected faults
+(empty snapshot, drop a service), DNS server kill/start, artist scaled between 1 and 4,
+one artist replica killed and started again. Every fault ends by restoring what it broke.
+Faults overlap only where the design says the mesh must cope: DNS dies inside a
+control-plane outage (sidecars serve from last-known-good), artist changes inside one
+(DNS carries the change).
 
-
-class LocalMesh:
-    def __init__(self, control: str, admin: str | None) -> None:
-        self.control = control
-        self.admin = admin or "127.0.0.1:15000"
-
-    async def check(self, session: aiohttp.ClientSession) -> None:
-        await ControlClient(session, self.control).get("/pods")
-
-    async def kill(self, session: aiohttp.ClientSession) -> None:
-        await ControlClient(session, self.control).post("/kill", {"name": "controlplane"})
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        await ControlClient(session, self.control).post("/start", {"name": "controlplane"})
-
-
-class ComposeMesh:
-    def __init__(self, compose_file: str | None, project: str | None, admin: str | None) -> None:
-        self.base = _compose_command()
-        if compose_file:
-            self.base += ["-f", compose_file]
-        if project:
-            self.base += ["-p", project]
-        self.control = "-"  # no `sidemesh up`: status discovers sidecars from a seed admin
-        self.admin = admin or ""
-
-    async def check(self, session: aiohttp.ClientSession) -> None:
-        if not self.admin:
-            cid = (await _run([*self.base, "ps", "-q", "song"])).strip()
-            if not cid:
-                raise CtlError("no running `song` container: start the mesh with `docker compose up -d`")
-            ip = (await _run(["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", cid])).split()
-            if not ip:
-                raise CtlError(f"container {cid[:12]} has no IP address")
-            self.admin = f"{ip[0]}:15000"
-
-    async def kill(self, session: aiohttp.ClientSession) -> None:
-        await _run([*self.base, "kill", "controlplane"])
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        await _run([*self.base, "start", "controlplane"])
-
-
-def _compose_command() -> list[str]:
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if shutil.which("docker"):
-        return ["docker", "compose"]
-    raise CtlError("neither `docker compose` nor `docker-compose` is installed")
-
-
-async def _run(cmd: list[str]) -> str:
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise CtlError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {err.decode(errors='replace').strip()[:500]}")
-    return out.decode()
+Prints the seed and the schedule first (the same seed gives the same schedule), then a
+table per fault kind: count, requests, failed, mode changes (from the sidecars' /state),
+time to recover (from the end of the fault until every sidecar is back on the control
+plane on one version and every unit runs), and the first failures with time and error.
+Exit 1 if any request failed (or a step could not be carried out), 2 on bad usage or
+when no mesh answers.""",
+    )
+    c.add_argument("--duration", type=float, default=120.0,
+                   help=f"seconds of load (default 120, at least {MIN_DURATION_S:g})")
+    c.add_argument("--seed", type=int, help="seed of the schedule (default: a random one, printed)")
+    c.add_argument("--rate", type=float, default=150.0, help="requests per second (default 150)")
+    c.add_argument("--fault-rate", type=float, default=DEFAULT_FAULTS_PER_MINUTE, metavar="F",
+                   help=f"faults per minute on average (default {DEFAULT_FAULTS_PER_MINUTE:g}); each fault is "
+                   f"followed by at least {RECOVERY_GAP_S:g}s to recover, which caps it")
+    c.add_argument("--schedule-only", action="store_true", help="print the schedule and exit; touches no mesh")
+    c.add_argument("--compose", action="store_true", help="run against `docker compose up` instead of `sidemesh up` "
+                   "(no dns-kill there; artist-scale only stops and starts artist-2)")
+    c.add_argument("--compose-file", help="compose file (default: compose's own lookup, ./docker-compose.yml)")
+    c.add_argument("--project", help="compose project name (default: compose's own, the directory name)")
+    c.add_argument("--control", default=control,
+                   help=f"control API of the running `sidemesh up` (env {ENV_CONTROL}; default %(default)s)")
+    c.add_argument("--admin", help="a sidecar admin HOST:PORT to discover the mesh from (compose: found automatically)")
+    c.add_argument("--url", default="http://127.0.0.1:8080/songs/{id}/details",
+                   help="URL to load; {id} cycles through songs 1-20 (default %(default)s)")
+    c.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    c.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 # ----- the drill -----
@@ -200,10 +187,10 @@ async def run_failover(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(max(0.0, t0 + offset - time.time()))
             marks[what] = time.time()
             if what == "kill":
-                await mesh.kill(session)
+                await mesh.kill(session, "controlplane")
                 _say(args, f"  +{time.time() - t0:5.1f}s  control plane killed")
             else:
-                await mesh.start(session)
+                await mesh.start(session, "controlplane")
                 _say(args, f"  +{time.time() - t0:5.1f}s  control plane started")
 
         async def progress() -> None:
@@ -284,6 +271,8 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.drill == "chaos":
+        return chaos.main(args)
     try:
         Plan(args.duration, args.kill_at, args.start_at)
     except ValueError as exc:

@@ -16,7 +16,9 @@ parsed or built by hand):
 The records are replaced as a whole through the HTTP API on ``--api-port``
 (``PUT /records`` with ``{"artist": ["127.10.1.1", "127.10.1.2"]}``,
 ``GET /records``, ``GET /healthz``), which `sidemesh up` calls whenever
-pods come and go.
+pods come and go. ``PUT /records`` would let anyone repoint any service, so it
+passes the admin policy first (``sidemesh.adminauth``: a peer in
+``--admin-allow``, loopback by default, or the admin bearer token; else 403).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ import dns.rdatatype
 import dns.rrset
 import uvloop
 from aiohttp import web
+
+from sidemesh.adminauth import AdminPolicy, add_admin_arguments, admin_middleware, policy_from_args
 
 log = logging.getLogger("sidemesh.dns")
 
@@ -308,8 +312,8 @@ class MeshDnsServer:
             self._tcp = None
 
 
-def make_api_app(server: MeshDnsServer) -> web.Application:
-    """The records API: ``PUT /records`` (replace all), ``GET /records``, ``GET /healthz``."""
+def make_api_app(server: MeshDnsServer, *, admin: AdminPolicy | None = None) -> web.Application:
+    """The records API: ``PUT /records`` (replace all, guarded by ``admin``), ``GET /records``, ``GET /healthz``."""
 
     async def put_records(request: web.Request) -> web.Response:
         try:
@@ -328,7 +332,7 @@ def make_api_app(server: MeshDnsServer) -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    app = web.Application()
+    app = web.Application(middlewares=[admin_middleware(admin if admin is not None else AdminPolicy())])
     app.router.add_put("/records", put_records)
     app.router.add_get("/records", get_records)
     app.router.add_get("/healthz", healthz)
@@ -363,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=_env_default(ENV_LOG_LEVEL, "info"),
                         choices=["debug", "info", "warning", "error"],
                         help=f"log level (default info; ${ENV_LOG_LEVEL})")
+    add_admin_arguments(parser, os.environ, "PUT /records (it repoints services)")
     return parser
 
 
@@ -401,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         validate_records(initial)
     except RecordsError as exc:
         parser.error(f"--record: {exc}")
+    try:
+        admin = policy_from_args(args, os.environ)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s level=%(levelname)s component=dns %(message)s",
@@ -408,16 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     if initial:
         server.set_records(initial)
 
-    return uvloop.run(_serve(server, args.listen, port, api_port))
+    return uvloop.run(_serve(server, args.listen, port, api_port, admin))
 
 
-async def _serve(server: MeshDnsServer, host: str, port: int, api_port: int) -> int:
+async def _serve(server: MeshDnsServer, host: str, port: int, api_port: int, admin: AdminPolicy) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(
-        make_api_app(server), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
+        make_api_app(server, admin=admin), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
     )
     try:
         await server.start(host, port)

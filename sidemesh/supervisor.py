@@ -51,6 +51,7 @@ STOP_TIMEOUT_S = 5.0
 READY_TIMEOUT_S = 15.0
 POLL_S = 0.05
 RECORDS_RETRY_S = 0.1
+DNS_WITHDRAW_TIMEOUT_S = 2.0
 _PR_SET_PDEATHSIG = 1
 # proxies in the user's environment must not reach our children: grpc honours http_proxy
 _DROP_ENV = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
@@ -144,6 +145,7 @@ class Supervisor:
         self._records_task: asyncio.Task[None] | None = None
         self._closing = False
         self._pushed: tuple[int | None, str] | None = None
+        self._pushed_records: dict[str, list[str]] = {}
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -305,25 +307,48 @@ class Supervisor:
         if not alive and unit.state != "running":
             return  # already down: keep how it went down (killed/stopped/exited)
         unit.ready = False
-        for p in alive:
+        self._dirty.set()
+        if sig == signal.SIGTERM and unit.spec.kind == "pod":
+            # a pod leaves without failing a call: out of DNS first, then its sidecar (which
+            # leaves the control plane and drains), and its app only once nothing routes to it
+            await self._await_dns_withdrawn(unit)
+            order = [[p for p in alive if p.role == "sidecar"], [p for p in alive if p.role != "sidecar"]]
+        else:
+            order = [alive]
+        unit.state = state
+        for group in order:
+            await self._signal_and_wait(unit, group, sig)
+        codes = " ".join(f"{p.role}={p.proc.returncode}" for p in alive if p.proc is not None)
+        log.info("event=%s name=%s %s", state, unit.spec.name, codes)
+
+    async def _signal_and_wait(self, unit: Unit, procs: list[Running], sig: int) -> None:
+        for p in procs:
             p.expected_exit = True
             with contextlib.suppress(ProcessLookupError):
                 assert p.proc is not None
                 p.proc.send_signal(sig)
-        unit.state = state
-        self._dirty.set()
-        waits = [p.proc.wait() for p in alive if p.proc is not None]
+        waits = [p.proc.wait() for p in procs if p.proc is not None]
         try:
             await asyncio.wait_for(asyncio.gather(*waits), timeout=self._stop_timeout)
         except TimeoutError:
-            for p in alive:
+            for p in procs:
                 if p.alive and p.proc is not None:
                     log.warning("event=kill_straggler name=%s process=%s pid=%s", unit.spec.name, p.role, p.pid)
                     with contextlib.suppress(ProcessLookupError):
                         p.proc.kill()
-            await asyncio.gather(*(p.proc.wait() for p in alive if p.proc is not None))
-        codes = " ".join(f"{p.role}={p.proc.returncode}" for p in alive if p.proc is not None)
-        log.info("event=%s name=%s %s", state, unit.spec.name, codes)
+            await asyncio.gather(*(p.proc.wait() for p in procs if p.proc is not None))
+
+    async def _await_dns_withdrawn(self, unit: Unit) -> None:
+        """Wait (bounded) until the DNS server no longer answers with this pod's address."""
+        deadline = self._clock() + DNS_WITHDRAW_TIMEOUT_S
+        while self._clock() < deadline:
+            dns = next((u for u in self.units.values() if u.spec.kind == "dns"), None)
+            if dns is None or dns.state != "running":
+                return
+            if self._pushed is not None and all(unit.spec.address not in a for a in self._pushed_records.values()):
+                return
+            await asyncio.sleep(POLL_S / 5)
+        log.warning("event=dns_withdraw_timeout name=%s after_s=%.1f", unit.spec.name, DNS_WITHDRAW_TIMEOUT_S)
 
     # ---- readiness -------------------------------------------------------
 
@@ -401,6 +426,7 @@ class Supervisor:
                 continue
             if await self._put_records(dns.spec.address, records):
                 self._pushed = key
+                self._pushed_records = records
                 log.info("event=dns_records %s", " ".join(f"{s}={','.join(a)}" for s, a in records.items()) or "none")
             else:
                 await asyncio.sleep(RECORDS_RETRY_S)

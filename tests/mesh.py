@@ -120,3 +120,67 @@ def running_mesh(*extra: str, dns_ttl: str = "1") -> Iterator[Mesh]:
         yield mesh
     finally:
         group.close()
+
+
+# ----- helpers for the zero-failure checks and the chaos drill (additions; the above is shared) -----
+
+
+def post_json(url: str, body: dict[str, Any], timeout: float = 40.0) -> Any:
+    """POST JSON and decode the JSON answer; urllib raises HTTPError on a non-2xx status."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def control(mesh: Mesh, verb: str, timeout: float = 40.0, **body: Any) -> Any:
+    """A verb of the mesh's control API (kill/stop/start: name=...; scale: service=..., replicas=...),
+    straight over HTTP: no `python -m sidemesh` start-up in the timing of a drill step."""
+    return post_json(f"http://{mesh.control}/{verb}", body, timeout=timeout)
+
+
+def first_ok(url: str, timeout: float, interval: float = 0.02) -> float:
+    """Poll ``url`` until it answers 200; seconds it took. Errors before that are expected (nothing
+    listens yet) and not counted; after ``timeout`` an AssertionError names the last one."""
+    t0 = time.monotonic()
+    last: object = None
+    while time.monotonic() - t0 < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - t0
+                last = resp.status
+        except (OSError, ValueError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"{url} never answered 200 within {timeout}s (last: {last})")
+
+
+def restore_steady(mesh: Mesh, *, artists: int = 1, timeout: float = 20.0) -> None:
+    """Every unit running, artist at ``artists`` replicas, every sidecar synced: the mesh as a fresh
+    `sidemesh up` leaves it, for the next test of a module that shares one mesh."""
+    for p in mesh.pods():
+        if p["kind"] in ("controlplane", "dns") and p["state"] != "running":
+            control(mesh, "start", name=p["name"])
+    for p in mesh.pods():
+        if p["kind"] == "pod" and p["state"] != "running":
+            control(mesh, "start", name=p["name"])
+    control(mesh, "scale", service="artist", replicas=artists)
+    mesh.wait_until("every sidecar synced", mesh.all_synced, timeout=timeout)
+
+
+@contextmanager
+def booting_mesh(*extra: str, dns_ttl: str = "1") -> Iterator[Mesh]:
+    """A fresh `sidemesh up`, handed over the moment its process is spawned: nothing answers yet and
+    nobody waited for "mesh ready", so a test sees the mesh converge. ``ready_s`` is NaN."""
+    group = ProcessGroup()
+    subnet = loopback_subnet()
+    publish_host = loopback_address()
+    publish = f"{publish_host}:{free_port(publish_host)}"
+    control_addr = f"{subnet}.1:15100"
+    proc = group.start("up", "up", "--subnet", subnet, "--publish", publish, "--control", control_addr,
+                       "--dns-ttl", dns_ttl, "--log-dir", str(group.logdir / "mesh"), *extra)
+    try:
+        yield Mesh(proc, subnet, control_addr, publish, float("nan"), group.logdir / "mesh")
+    finally:
+        group.close()

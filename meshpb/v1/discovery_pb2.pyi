@@ -7,12 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DiscoveryRequest(_message.Message):
-    __slots__ = ("hello", "ack")
+    __slots__ = ("hello", "ack", "ping")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    PING_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     ack: Ack
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+    ping: Ping
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ...) -> None: ...
+
+class Ping(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("node_id", "service", "address", "port", "labels", "last_version", "known_instances", "known_endpoints")
@@ -64,14 +72,16 @@ class Ack(_message.Message):
     def __init__(self, version: _Optional[str] = ..., nonce: _Optional[str] = ..., accepted: _Optional[bool] = ..., error_detail: _Optional[str] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("version", "nonce", "services")
+    __slots__ = ("version", "nonce", "services", "pong")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SERVICES_FIELD_NUMBER: _ClassVar[int]
+    PONG_FIELD_NUMBER: _ClassVar[int]
     version: str
     nonce: str
     services: _containers.RepeatedCompositeFieldContainer[Service]
-    def __init__(self, version: _Optional[str] = ..., nonce: _Optional[str] = ..., services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ...) -> None: ...
+    pong: int
+    def __init__(self, version: _Optional[str] = ..., nonce: _Optional[str] = ..., services: _Optional[_Iterable[_Union[Service, _Mapping]]] = ..., pong: _Optional[int] = ...) -> None: ...
 
 class Service(_message.Message):
     __slots__ = ("name", "endpoints", "policy")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -33,6 +34,8 @@ from tests.support import free_port
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "sidemesh-e2e"
 IMAGE = os.environ.get("SIDEMESH_IMAGE", "sidemesh:latest")
+# the control plane's admin token for this run (POST /faults from the host needs it)
+ADMIN_TOKEN = secrets.token_urlsafe(16)
 BUILD_TIMEOUT_S = 900.0
 UP_TIMEOUT_S = 180.0
 READY_TIMEOUT_S = 60.0
@@ -248,7 +251,7 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
     compose = compose_command()
     port, cp_port = free_port(), free_port()
     env = {**os.environ, "SIDEMESH_PORT": str(port), "SIDEMESH_CONTROLPLANE_HTTP_PORT": str(cp_port),
-           "SIDEMESH_IMAGE": IMAGE}
+           "SIDEMESH_IMAGE": IMAGE, "SIDEMESH_ADMIN_TOKEN": ADMIN_TOKEN}
     mesh = Mesh(compose, port, cp_port, env)
     mesh.down()  # a project left over by an interrupted earlier run
     failures_before = request.session.testsfailed

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ import pytest
 
 from services.catalogue import default_catalogue
 from sidemesh.load import LoadGenerator, song_details_problem
-from tests.e2e.conftest import PROJECT, SIDECARS, Mesh
+from tests.e2e.conftest import ADMIN_TOKEN, PROJECT, SIDECARS, Mesh
 from tests.support import REPO
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
@@ -274,6 +276,50 @@ def test_demo_failover_against_compose_kills_and_starts_the_container_without_a_
     instances = {sc["instance"] for sc in result["sidecars"]}
     assert instances == {"artist-1", "artist-2", "image-1", "song-1"}, instances
     assert all(sc["to_dns_after_kill_s"] is not None for sc in result["sidecars"]), result["sidecars"]
+
+
+def test_demo_chaos_against_compose_applies_seeded_faults_without_a_failed_request(
+    healthy_mesh: Mesh, tmp_path: Path
+) -> None:
+    """`sidemesh demo chaos --compose`: the same drill as locally, on the containers."""
+    out = tmp_path / "chaos.json"
+    cmd = [sys.executable, "-m", "sidemesh", "demo", "chaos", "--compose",
+           "--compose-file", str(REPO / "docker-compose.yml"), "--project", PROJECT,
+           "--url", healthy_mesh.base_url + "/songs/{id}/details", "--rate", "50",
+           "--duration", "45", "--seed", "8", "--fault-rate", "8", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=healthy_mesh.env, cwd=REPO, timeout=240)
+    print(proc.stdout[-4000:])
+    assert out.exists(), f"no result (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
+    result = json.loads(out.read_text())
+    print(f"[chaos --compose] {result['requests']} requests, {result['failures']} failed, "
+          f"faults {[(f['kind'], f['recovered_s']) for f in result['faults']]}")
+    assert result["failures"] == 0, result["errors"]
+    assert result["step_errors"] == [], result["step_errors"]
+    assert len(result["faults"]) >= 3 and result["mode_changes"] > 0, result["faults"]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_injecting_a_fault_from_the_host_needs_the_admin_token(healthy_mesh: Mesh) -> None:
+    """The host reaches the control plane through the bridge gateway: not loopback."""
+    url = f"http://127.0.0.1:{healthy_mesh.controlplane_port}/faults"
+
+    def post(headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(url, data=b'{"fault": "clear"}', method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, body = post({})
+    print(f"[admin] without the token: {status} {body}")
+    assert status == 403 and "token" in body["error"]
+    assert post({"Authorization": "Bearer wrong"})[0] == 403
+    status, body = post({"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert status == 200 and body == {"empty_snapshot": False, "dropped_services": []}
+    with urllib.request.urlopen(url, timeout=5) as resp:  # reading stays open
+        assert resp.status == 200
 
 
 def test_down_leaves_nothing_running_and_a_second_up_works(mesh: Mesh) -> None:

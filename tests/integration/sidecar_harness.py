@@ -6,6 +6,8 @@
   It does not import ``controlplane/``: the proto is the only contract.
 * ``snapshot(...)``: builds a Snapshot message from plain tuples.
 * ``start_sidecar(...)``: a ``sidecar.app.Sidecar`` in this process, on a fresh loopback address.
+* ``start_sidecar_process(...)``: ``sidemesh sidecar`` as a real process (uvloop, as deployed),
+  optionally with a small open-file limit; its RSS and its sockets' TCP states are readable.
 * ``start_app(...)`` / ``start_raw(...)``: upstream servers (aiohttp, or raw asyncio for faults).
 * ``raw_request(...)``: one request over a raw socket, reading the reply until close or a
   complete message, for what aiohttp clients hide (malformed requests, truncation).
@@ -16,11 +18,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import resource
 import socket
 import struct
+import subprocess
+import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -32,7 +40,7 @@ from meshpb.v1 import discovery_pb2 as pb
 from meshpb.v1 import discovery_pb2_grpc
 from sidecar.app import Sidecar
 from sidecar.config import parse_config
-from tests.support import free_port, loopback_address
+from tests.support import REPO, Proc, ProcessGroup, free_port, loopback_address
 
 _nonces = itertools.count(1)
 
@@ -143,6 +151,8 @@ class TestControlPlane:
                 if req.HasField("ack"):
                     rec.acks.append(req.ack)
                     await self._notify()
+                elif req.HasField("ping"):
+                    rec.outbox.put_nowait(pb.Snapshot(pong=req.ping.seq))  # the stream is alive
 
         reader = asyncio.ensure_future(read_acks())
         try:
@@ -177,7 +187,7 @@ RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[No
 
 
 @asynccontextmanager
-async def start_raw(handler: RawHandler, host: str | None = None) -> AsyncIterator[tuple[str, int]]:
+async def start_raw(handler: RawHandler, host: str | None = None, port: int = 0) -> AsyncIterator[tuple[str, int]]:
     """A raw TCP server; ``handler`` owns each connection (``reset(writer)`` sends an RST)."""
     host = host or loopback_address()
 
@@ -189,7 +199,7 @@ async def start_raw(handler: RawHandler, host: str | None = None) -> AsyncIterat
         finally:
             writer.close()
 
-    server = await asyncio.start_server(wrapped, host, 0)
+    server = await asyncio.start_server(wrapped, host, port)
     port = server.sockets[0].getsockname()[1]
     try:
         yield host, port
@@ -301,6 +311,115 @@ async def start_sidecar(
     finally:
         await session.close()
         await sidecar.stop(drain_s=0.5)
+
+
+# ----- the sidecar as a process -----
+
+# /proc/net/tcp's "st" column (include/net/tcp_states.h)
+TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+              7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
+
+
+@dataclass
+class SidecarProcess:
+    proc: Proc
+    address: str
+    outbound_port: int = 15001
+    inbound_port: int = 15006
+    admin_port: int = 15000
+
+    @property
+    def pid(self) -> int:
+        return self.proc.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.alive
+
+    def status_kb(self, field: str) -> int:
+        """A figure of /proc/PID/status, e.g. VmRSS or VmHWM, in kB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {field} in /proc/{self.pid}/status")
+
+    def tcp_states(self) -> Counter[str]:
+        """TCP states of the sockets this process holds (its fds' inodes matched in /proc/net/tcp)."""
+        inodes = set()
+        fd_dir = Path(f"/proc/{self.pid}/fd")
+        for fd in fd_dir.iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue  # closed meanwhile
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        states: Counter[str] = Counter()
+        for table in ("tcp", "tcp6"):
+            for line in Path(f"/proc/{self.pid}/net/{table}").read_text().splitlines()[1:]:
+                cols = line.split()
+                if cols[9] in inodes:
+                    states[TCP_STATES.get(int(cols[3], 16), cols[3])] += 1
+        return states
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+def start_sidecar_process(
+    procs: ProcessGroup,
+    cp: TestControlPlane,
+    *,
+    app: tuple[str, int],
+    service: str = "song",
+    extra: Iterable[str] = (),
+    open_files: int | None = None,
+) -> SidecarProcess:
+    """``sidemesh sidecar`` on a fresh loopback address; ``open_files`` sets its RLIMIT_NOFILE.
+
+    Registered in ``procs``, which stops it and prints its log when the test failed.
+    """
+    address = loopback_address()
+    dns = closed_port()
+    args = [
+        "sidecar", "--service", service, "--instance", f"{service}-proc", "--address", address,
+        "--listen", address, "--outbound-listen", address, "--app", "%s:%d" % app,
+        "--controlplane", cp.target, "--dns-server", "%s:%d" % dns, "--dns-timeout", "0.2",
+        "--log-level", "info", *extra,
+    ]
+
+    def limit_files() -> None:  # runs in the child between fork and exec
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    log_path = procs.logdir / f"sidecar-{address}.log"
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "sidemesh", *args], stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=REPO, start_new_session=True,
+            preexec_fn=limit_files if open_files is not None else None,
+        )
+    proc = Proc(f"sidecar-{address}", popen, log_path)
+    procs.procs.append(proc)
+    return SidecarProcess(proc, address)
+
+
+async def wait_ready(sp: SidecarProcess, timeout: float = 15.0) -> None:
+    """Until the sidecar's admin API says ready (its first snapshot is applied)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            reply = await raw_request(sp.address, sp.admin_port, b"GET /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                                      timeout=2.0)
+            if reply.startswith(b"HTTP/1.1 200 "):
+                return
+        except OSError:
+            pass
+        if not sp.alive:
+            raise AssertionError(f"sidecar exited with {sp.proc.popen.returncode}:\n{sp.proc.log()[-3000:]}")
+        if loop.time() > deadline:
+            raise TimeoutError(f"sidecar at {sp.address} not ready within {timeout}s")
+        await asyncio.sleep(0.05)
 
 
 # ----- raw client -----

@@ -121,9 +121,13 @@ def test_help_documents_every_option() -> None:
     assert out.returncode == 0
     assert out.stdout.startswith("usage: sidemesh controlplane")
     for option in ("--listen", "--grpc-port", "--http-port", "--coalesce-ms", "--warmup-timeout",
-                   "--policy", "--hello-timeout", "--grace", "--log-level"):
+                   "--policy", "--hello-timeout", "--grace", "--log-level",
+                   "--max-labels", "--max-label-key-bytes", "--max-label-value-bytes", "--max-label-bytes",
+                   "--max-known-instances", "--max-known-endpoints", "--max-node-id-bytes", "--max-address-bytes",
+                   "--max-last-version-bytes", "--max-request-bytes", "--snapshot-budget-bytes",
+                   "--admin-allow", "--admin-token", "--admin-token-file"):
         assert option in out.stdout
-    assert out.stdout.count("(default") + out.stdout.count("; default") >= 8
+    assert out.stdout.count("(default") + out.stdout.count("; default") >= 22
 
 
 def test_bad_arguments_exit_2_with_a_message() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -37,10 +37,13 @@ class FakeSidecar:
 
     def __init__(self, target: str, node_id: str, service: str = "artist", address: str = "127.0.0.1",
                  port: int = 15006, *, known_instances: Sequence[str] = (), last_version: str = "",
+                 labels: Mapping[str, str] | None = None, known_endpoints: Sequence[tuple[str, str, int]] = (),
                  channel_options: Sequence[tuple[str, int]] = ()) -> None:
         self.target = target
-        self.hello = discovery_pb2.Hello(node_id=node_id, service=service, address=address, port=port,
-                                         known_instances=list(known_instances), last_version=last_version)
+        self.hello = discovery_pb2.Hello(
+            node_id=node_id, service=service, address=address, port=port, known_instances=list(known_instances),
+            last_version=last_version, labels=dict(labels or {}),
+            known_endpoints=[discovery_pb2.KnownEndpoint(service=s, address=a, port=p) for s, a, p in known_endpoints])
         self.channel = grpc.aio.insecure_channel(target, options=list(channel_options))
         self.call: Any = discovery_pb2_grpc.DiscoveryStub(self.channel).Stream()
         self.snapshots: list[discovery_pb2.Snapshot] = []
@@ -378,15 +381,30 @@ async def test_bad_first_message_is_refused_and_other_sidecars_still_get_pushes(
     assert cp.plane.metrics.rejected_hellos._value.get() == 1
 
 
-@pytest.mark.parametrize("garbage", ["second hello", "empty message"])
+async def test_a_ping_is_answered_with_a_pong_carrying_its_seq_and_no_table(sidecars: Any, cp: Any) -> None:
+    sc = await sidecars("artist-1")
+    first = await sc.next_snapshot()
+    await sc.ack(first)
+    await sc.send(discovery_pb2.DiscoveryRequest(ping=discovery_pb2.Ping(seq=7)))
+    pong = await sc.next_snapshot(timeout=2.0)
+    assert pong.pong == 7 and not pong.services and not pong.version
+    await sc.send(discovery_pb2.DiscoveryRequest(ping=discovery_pb2.Ping(seq=8)))
+    assert (await sc.next_snapshot(timeout=2.0)).pong == 8
+    assert not sc.call.done()
+    [entry] = cp.plane.status()["sidecars"]
+    assert entry["status"] == "synced"  # a pong is not a push: nothing to ACK
+
+
+@pytest.mark.parametrize("garbage", ["second hello", "empty message", "ping without seq"])
 async def test_garbage_after_hello_aborts_that_stream_only(garbage: str, sidecars: Any, cp: Any) -> None:
     good = await sidecars("artist-1")
     await good.next_snapshot()
     bad = await sidecars("song-1", "song")
     await bad.next_snapshot()
     await good.snapshot_where(lambda s: len(s.services) == 2)
-    message = (discovery_pb2.DiscoveryRequest(hello=bad.hello) if garbage == "second hello"
-               else discovery_pb2.DiscoveryRequest())
+    message = {"second hello": discovery_pb2.DiscoveryRequest(hello=bad.hello),
+               "empty message": discovery_pb2.DiscoveryRequest(),
+               "ping without seq": discovery_pb2.DiscoveryRequest(ping=discovery_pb2.Ping())}[garbage]
     await bad.send(message)
     assert await bad.status_code() == grpc.StatusCode.INVALID_ARGUMENT
     # the bad one left; the good one is told and stays connected
@@ -433,7 +451,8 @@ async def test_warmup_gives_up_waiting_after_its_timeout(make_cp: CpFactory) -> 
         assert 0.5 <= waited < 1.5, waited
         assert instances(snap) == {"artist": {"artist-1"}}
         status = await get_status(cp)
-        assert status["warmup"] == {"ended": True, "reason": "timeout", "missing": ["artist-2"], "timeout_s": 0.6}
+        assert status["warmup"] == {"ended": True, "reason": "timeout", "missing": ["artist-2"],
+                                    "missing_endpoints": [], "timeout_s": 0.6}
     finally:
         await a.close()
 
@@ -446,5 +465,61 @@ async def test_hello_without_known_instances_is_answered_at_once(make_cp: CpFact
         await a.next_snapshot(timeout=1.0)
         assert time.monotonic() - started < 0.3
         assert (await get_status(cp))["warming_up"] is False
+    finally:
+        await a.close()
+
+
+async def test_a_restarted_control_plane_holds_its_first_push_until_the_instance_at_a_known_endpoint_registers(
+        make_cp: CpFactory) -> None:
+    cp1 = await make_cp(warmup_timeout=5.0)
+    song = await FakeSidecar(target(cp1), "song-1", "song", address="127.10.2.1").send_hello()
+    artist = await FakeSidecar(target(cp1), "artist-7", "artist", address="127.10.1.7").send_hello()
+    await song.snapshot_where(lambda s: instances(s) == {"song": {"song-1"}, "artist": {"artist-7"}})
+    await song.close()
+    await artist.close()
+    await cp1.stop(0.1)
+
+    # song-1 had been routing to artist through DNS (127.10.1.7:15006, no instance id): it says so
+    cp2 = await make_cp(warmup_timeout=5.0)
+    song = await FakeSidecar(target(cp2), "song-1", "song", address="127.10.2.1", last_version="5",
+                             known_endpoints=[("artist", "127.10.1.7", 15006), ("song", "127.10.2.1", 15006)]
+                             ).send_hello()
+    # an instance of artist elsewhere, or at that address on another port, is not that endpoint
+    other = await FakeSidecar(target(cp2), "artist-8", "artist", address="127.10.1.8").send_hello()
+    wrong_port = await FakeSidecar(target(cp2), "artist-9", "artist", address="127.10.1.7", port=15007).send_hello()
+    try:
+        with pytest.raises(TimeoutError):
+            await song.next_snapshot(timeout=0.5)
+        status = await get_status(cp2)
+        assert status["warming_up"] is True
+        assert status["warmup"]["missing_endpoints"] == [{"service": "artist", "address": "127.10.1.7", "port": 15006}]
+        assert status["warmup"]["missing"] == []
+        artist = await FakeSidecar(target(cp2), "artist-7", "artist", address="127.10.1.7").send_hello()
+        started = time.monotonic()
+        first = await song.next_snapshot(timeout=2.0)
+        assert time.monotonic() - started < 0.5
+        # the very first snapshot song-1 sees already holds the endpoint it was routing to
+        assert instances(first) == {"song": {"song-1"}, "artist": {"artist-7", "artist-8", "artist-9"}}
+        assert ("127.10.1.7", 15006) in {(e.address, e.port) for svc in first.services for e in svc.endpoints}
+        status = await get_status(cp2)
+        assert (status["warming_up"], status["warmup"]["reason"], status["warmup"]["missing_endpoints"]) == (
+            False, "all_known_registered", [])
+        await artist.close()
+    finally:
+        for stream in (song, other, wrong_port):
+            await stream.close()
+
+
+async def test_a_hello_whose_known_endpoints_are_all_unmatchable_is_answered_at_once(make_cp: CpFactory) -> None:
+    cp = await make_cp(warmup_timeout=5.0)
+    a = await FakeSidecar(target(cp), "song-1", "song", known_endpoints=[
+        ("artist", "artist.mesh.local", 15006), ("Artist", "127.10.1.7", 15006), ("artist", "127.10.1.7", 0),
+    ]).send_hello()
+    try:
+        started = time.monotonic()
+        await a.next_snapshot(timeout=1.0)
+        assert time.monotonic() - started < 0.3
+        assert cp.plane.metrics.known_endpoints_dropped._value.get() == 3
+        assert (await get_status(cp))["warmup"]["missing_endpoints"] == []
     finally:
         await a.close()

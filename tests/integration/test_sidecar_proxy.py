@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -17,6 +17,7 @@ from tests.integration.sidecar_harness import (
     RunningSidecar,
     TestControlPlane,
     closed_port,
+    raw_request,
     read_head,
     read_response,
     snapshot,
@@ -356,3 +357,99 @@ async def test_unknown_service_error_still_carries_a_route_header(sc: RunningSid
     status, headers, _ = await sc.get("http://nosuch/x")
     assert status == 503
     assert "x-sidemesh-route" in headers
+
+
+async def test_drain_closes_idle_keep_alive_connections_and_lets_the_answer_in_flight_finish(cp: TestControlPlane) -> None:
+    async with start_app(_upstream_app("song")) as where, start_sidecar(cp, app=where) as sc:
+        idle_r, idle_w = await asyncio.open_connection(sc.address, sc.inbound_port)
+        busy_r, busy_w = await asyncio.open_connection(sc.address, sc.inbound_port)
+        try:
+            for writer, reader in ((idle_w, idle_r), (busy_w, busy_r)):  # both pooled keep-alive connections
+                writer.write(b"GET /who HTTP/1.1\r\nHost: song\r\n\r\n")
+                status, headers, _ = await read_response(reader)
+                assert status == 200 and "connection" not in headers
+            busy_w.write(b"GET /slow HTTP/1.1\r\nHost: song\r\n\r\n")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while not any(conn.active is not None for conn in sc.sidecar.inbound.connections):
+                assert loop.time() < deadline, "the slow request never reached the sidecar"
+                await asyncio.sleep(0.01)
+
+            sc.sidecar.inbound.drain()
+            assert await asyncio.wait_for(idle_r.read(-1), 2) == b""  # idle: closed at once
+            status, headers, body = await asyncio.wait_for(read_response(busy_r), 5)
+            assert (status, body, headers["connection"]) == (200, b"late", "close")  # in flight: finished
+            assert await asyncio.wait_for(busy_r.read(-1), 2) == b""
+            reply = await raw_request(sc.address, sc.inbound_port, b"GET /who HTTP/1.1\r\nHost: song\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.1 200 ") and b"connection: close\r\n" in reply.lower()
+        finally:
+            idle_w.close()
+            busy_w.close()
+
+
+async def test_callers_of_a_draining_sidecar_fail_no_request(cp: TestControlPlane) -> None:
+    async with start_app(_upstream_app("song")) as where, start_sidecar(cp, app=where) as callee:
+        await cp.push(snapshot("v2", {"song": [(callee.address, callee.inbound_port)]}, retries=0))
+        async with start_sidecar(cp, service="web") as caller:
+            for _ in range(3):
+                assert (await caller.get("http://song/who"))[0] == 200  # the caller pools a connection
+            before = (await caller.state())["pool"]["connects"]
+            callee.sidecar.inbound.drain()
+            results = [await caller.get(f"http://song/who?i={i}") for i in range(20)]
+            assert [status for status, _, _ in results] == [200] * 20
+            # every answer said close, so the caller opened a fresh connection each time
+            assert (await caller.state())["pool"]["connects"] - before >= 20
+
+
+async def test_dead_pooled_connections_are_retried_across_endpoints(cp: TestControlPlane) -> None:
+    """Pods a and b close their kept-alive connections as the next request arrives (pods draining
+    for shutdown); pod c is the only one left. With no retries in the policy, no call fails."""
+    draining: set[str] = set()
+    dropped: dict[str, list[bytes]] = {"a": [], "b": [], "c": []}
+
+    def pod(name: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            served = 0
+            while True:
+                head = await read_head(reader)
+                if served and name in draining:
+                    dropped[name].append(head.split(b" ")[1])
+                    writer.close()  # not a byte of answer: the caller's pooled connection is dead
+                    return
+                await asyncio.sleep(0.1 if name not in draining else 0)  # the warm-up calls overlap
+                body = json.dumps({"name": name}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+                served += 1
+
+        return serve
+
+    c_at = closed_port()  # c refuses at first: ejected, it is picked only once a and b were tried
+    async with start_raw(pod("a")) as a, start_raw(pod("b")) as b:
+        await cp.push(snapshot("v1", {"artist": [(*a, "a"), (*b, "b"), (*c_at, "c")]}, retries=0))
+        async with start_sidecar(cp, extra=["--eject", "60"]) as sc:
+            for i in range(10):
+                assert (await sc.get(f"http://artist/refused{i}"))[0] == 200  # a refused connect is retried
+                endpoints = (await sc.state())["services"]["artist"]["endpoints"]
+                if any(ep["instance"] == "c" and ep["ejected"] for ep in endpoints):
+                    break
+            else:
+                raise AssertionError("round robin never picked c")
+            idle = sc.sidecar.pool.idle
+            for i in range(10):  # until a and b each hold two pooled connections
+                if len(idle.get(a, [])) >= 2 and len(idle.get(b, [])) >= 2:
+                    break
+                warm = await asyncio.gather(*(sc.get(f"http://artist/w{i}-{j}") for j in range(4)))
+                assert {json.loads(body)["name"] for _, _, body in warm} <= {"a", "b"}  # c is ejected
+            else:
+                raise AssertionError(f"no two pooled connections to a and to b: {idle}")
+            async with start_raw(pod("c"), host=c_at[0], port=c_at[1]):
+                draining.update({"a", "b"})
+                retries = (await sc.state())["counters"]["retries"]
+                for i in range(2):
+                    status, _, body = await sc.get(f"http://artist/x{i}")
+                    assert status == 200, body
+                    assert json.loads(body)["name"] == "c"
+                # each call met a's and b's dead pooled connections in a row, then went to c
+                assert dropped["a"] == dropped["b"] == [b"/x0", b"/x1"]
+                assert (await sc.state())["counters"]["retries"] - retries == 4

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
+from controlplane.adminauth import ENV_ADMIN_TOKEN
 from controlplane.config import ConfigError, ControlPlaneConfig, parse_args, parse_policy
+from controlplane.limits import DEFAULT_SNAPSHOT_BUDGET_BYTES, SIDECAR_MAX_RECEIVE_BYTES, HelloLimits
 from controlplane.model import ServicePolicy
 
 
@@ -58,3 +61,48 @@ def test_server_options_allow_sidecar_keepalive_and_ping_back() -> None:
     assert opts["grpc.http2.min_recv_ping_interval_without_data_ms"] <= 1000
     assert opts["grpc.http2.max_ping_strikes"] == 0
     assert opts["grpc.keepalive_time_ms"] <= 5000
+
+
+def test_limit_flags_reach_the_config_and_the_grpc_receive_limit() -> None:
+    cfg = parse_args(["--max-labels", "5", "--max-label-value-bytes", "99", "--max-request-bytes", "65536",
+                      "--snapshot-budget-bytes", "200000"], env={})
+    assert (cfg.hello_limits.max_labels, cfg.hello_limits.max_label_value_bytes) == (5, 99)
+    assert cfg.hello_limits.max_known_endpoints == HelloLimits().max_known_endpoints
+    assert cfg.snapshot_budget_bytes == 200000
+    assert dict(cfg.grpc_server_options())["grpc.max_receive_message_length"] == 65536
+
+
+def test_default_snapshot_budget_stays_under_what_sidecars_accept() -> None:
+    cfg = parse_args([], env={})
+    assert cfg.snapshot_budget_bytes == DEFAULT_SNAPSHOT_BUDGET_BYTES < SIDECAR_MAX_RECEIVE_BYTES == 4 * 1024 * 1024
+    assert dict(cfg.grpc_server_options())["grpc.max_receive_message_length"] == 4 * 1024 * 1024
+
+
+def test_admin_policy_defaults_to_loopback_without_a_token() -> None:
+    cfg = parse_args([], env={})
+    assert [str(n) for n in cfg.admin.allow] == ["127.0.0.0/8", "::1/128"]
+    assert cfg.admin.token is None
+
+
+def test_admin_token_comes_from_flag_env_or_file(tmp_path: Path) -> None:
+    assert parse_args(["--admin-token", "flag-t"], env={ENV_ADMIN_TOKEN: "env-t"}).admin.token == "flag-t"
+    assert parse_args([], env={ENV_ADMIN_TOKEN: "env-t"}).admin.token == "env-t"
+    token_file = tmp_path / "token"
+    token_file.write_text("file-t\n")
+    cfg = parse_args(["--admin-token-file", str(token_file), "--admin-allow", "10.0.0.0/8,fd00::/8"], env={})
+    assert cfg.admin.token == "file-t"
+    assert [str(n) for n in cfg.admin.allow] == ["10.0.0.0/8", "fd00::/8"]
+    assert parse_args(["--admin-allow", ""], env={}).admin.allow == ()
+    assert "file-t" not in repr(cfg)  # the token never shows in a logged config
+
+
+@pytest.mark.parametrize("argv", [
+    ["--max-labels", "0"], ["--max-request-bytes", "lots"], ["--snapshot-budget-bytes", "-1"],
+    ["--admin-allow", "localhost"], ["--admin-token", ""], ["--admin-token-file", "/nonexistent/token"],
+    ["--admin-token", "a", "--admin-token-file", "/etc/hostname"],
+])
+def test_bad_limit_or_admin_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv, env={})
+    assert info.value.code == 2
+    assert "sidemesh controlplane: error:" in capsys.readouterr().err

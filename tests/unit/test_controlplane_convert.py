@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from controlplane import convert
-from controlplane.model import Endpoint, ServicePolicy, ServiceRoutes, Snapshot
+from controlplane.model import Endpoint, Instance, KnownEndpoint, ServicePolicy, ServiceRoutes, Snapshot
 from meshpb.v1 import discovery_pb2
 
 
@@ -31,6 +31,7 @@ def test_ipv6_address_is_accepted_and_normalised() -> None:
 @pytest.mark.parametrize(("fields", "reason"), [
     ({"node_id": ""}, "node_id is empty"),
     ({"node_id": "a b"}, "node_id"),
+    ({"node_id": "a" * 254}, "over the limit --max-node-id-bytes=253"),
     ({"service": ""}, "service is empty"),
     ({"service": "Artist"}, "not a DNS label"),
     ({"service": "-artist"}, "not a DNS label"),
@@ -78,3 +79,46 @@ def test_snapshot_encoded_once_parses_back_with_each_nonce() -> None:
     assert [(e.address, e.instance, dict(e.labels)) for e in svc.endpoints] == [
         ("127.10.1.1", "artist-1", {"zone": "a"}), ("127.10.1.2", "artist-2", {})]
     assert (svc.policy.timeout_ms, svc.policy.retries, svc.policy.lb) == (2000, 0, "least_request")
+
+
+# --- known_endpoints: hints for the warm-up gate ------------------------------------------
+
+def known(service: str, address: str, port: int) -> discovery_pb2.KnownEndpoint:
+    return discovery_pb2.KnownEndpoint(service=service, address=address, port=port)
+
+
+def test_known_endpoints_convert_with_canonical_addresses() -> None:
+    h = convert.validate_hello(hello(known_endpoints=[
+        known("song", "127.10.2.1", 15006), known("image", "fd00:0::7", 15006), known("song", "127.10.2.1", 15006),
+    ]))
+    assert h.known_endpoints == {KnownEndpoint("song", "127.10.2.1", 15006), KnownEndpoint("image", "fd00::7", 15006)}
+    assert h.dropped_known_endpoints == ()
+    assert h.endpoint == KnownEndpoint("artist", "127.10.1.1", 15006)
+
+
+@pytest.mark.parametrize(("entry", "why"), [
+    (known("Song", "127.10.2.1", 15006), "not a DNS label"),
+    (known("", "127.10.2.1", 15006), "not a DNS label"),
+    (known("song", "song.mesh.local", 15006), "not an IP literal"),
+    (known("song", "::", 15006), "unspecified"),
+    (known("song", "127.10.2.1", 0), "out of range"),
+    (known("song", "127.10.2.1", 70000), "out of range"),
+])
+def test_an_unmatchable_known_endpoint_is_dropped_with_its_reason_and_the_hello_kept(
+        entry: discovery_pb2.KnownEndpoint, why: str) -> None:
+    # no registration could ever match it, so waiting for it would only cost the warm-up timeout;
+    # refusing the Hello would cost the sidecar its registration over a hint
+    h = convert.validate_hello(hello(known_endpoints=[known("image", "127.10.3.1", 15006), entry]))
+    assert h.known_endpoints == {KnownEndpoint("image", "127.10.3.1", 15006)}
+    [reason] = h.dropped_known_endpoints
+    assert reason.startswith("known_endpoints[1]: ") and why in reason
+
+
+def test_endpoint_wire_bytes_is_exactly_what_an_endpoint_adds_to_its_service() -> None:
+    inst = Instance("artist-1", "artist", "fd00::1", 15006, (("zone", "a"), ("team", "blue" * 40)))
+    without = Snapshot("1", (ServiceRoutes("artist", (), ServicePolicy()),))
+    with_one = Snapshot("1", (ServiceRoutes("artist", (Endpoint(inst.address, inst.port, inst.node_id, inst.labels),),
+                                            ServicePolicy()),))
+    grown = len(convert.encode_snapshot(with_one)) - len(convert.encode_snapshot(without))
+    # the service's own length prefix may grow by a byte or two as well
+    assert convert.endpoint_wire_bytes(inst) <= grown <= convert.endpoint_wire_bytes(inst) + 2

@@ -144,3 +144,34 @@ async def test_a_stream_stuck_in_a_write_does_not_hold_back_the_next_version() -
     assert await publisher._fanout.wait(0.01)  # drained without the stuck stream
     # an unchanged table keeps its version and is not offered again
     assert publisher.publish_now() is first
+
+
+async def test_a_table_over_the_snapshot_budget_is_never_offered_and_the_current_one_stays(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # the server refuses such registrations first (budget.py); this is the last line behind it
+    from controlplane import convert
+    from controlplane.metrics import Metrics
+    from controlplane.push import Publisher
+    from controlplane.warmup import WarmupGate
+
+    reg: Registry[Session] = Registry()
+    a = Session(Hello("artist-1", "artist", "127.0.0.1", 15006), connected_at=0.0)
+    reg.register(Instance.from_hello(a.hello), a)
+    publisher = Publisher(reg, WarmupGate(0.0), Metrics(), policy_for=policy_for, coalesce_s=0.0,
+                          max_snapshot_bytes=1000, clock=lambda: 1.0)
+    first = publisher.publish_now()
+    assert first is not None and a.offered_version == first.version
+    big = Session(Hello("song-1", "song", "127.0.0.2", 15006, labels=(("blob", "x" * 1000),)), connected_at=0.0)
+    reg.register(Instance.from_hello(big.hello), big)
+    assert publisher.publish_now() is first
+    assert publisher.current is first
+    assert big.offered_version == first.version  # the newcomer gets the table everybody has
+    assert len(first.wire) + convert.MAX_NONCE_FIELD_BYTES <= 1000
+    assert "event=snapshot_over_budget" in caplog.text and "budget=1000" in caplog.text
+
+    empty: Registry[Session] = Registry()
+    alone = Session(big.hello, connected_at=0.0)
+    empty.register(Instance.from_hello(alone.hello), alone)
+    nothing = Publisher(empty, WarmupGate(0.0), Metrics(), policy_for=policy_for, coalesce_s=0.0,
+                        max_snapshot_bytes=1000, clock=lambda: 1.0)
+    assert nothing.publish_now() is None and alone.offered_version is None

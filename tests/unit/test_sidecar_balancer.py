@@ -108,3 +108,23 @@ def test_in_flight_counts_return_to_zero() -> None:
 def test_a_route_without_endpoints_is_refused() -> None:
     with pytest.raises(ValueError):
         ResolvedRoute("artist", (), Source.CONTROLPLANE, EndpointHealth())
+
+
+@pytest.mark.parametrize("lb", ["round_robin", LB_LEAST_REQUEST])
+def test_exclude_skips_every_endpoint_already_tried(lb: str) -> None:
+    route = _route(EndpointHealth(), lb=lb, rand=lambda n: n - 1)
+    assert {route.pick(exclude=(EPS[0], EPS[2])) for _ in range(10)} == {EPS[1]}
+    assert {route.pick(exclude=[EPS[1], EPS[2]]) for _ in range(10)} == {EPS[0]}
+
+
+def test_tried_endpoints_are_skipped_before_ejected_ones_are_tried() -> None:
+    health = EndpointHealth(clock=FakeClock())
+    health.eject(EPS[2].key)
+    route = _route(health)
+    assert {route.pick(exclude=(EPS[0], EPS[1])) for _ in range(5)} == {EPS[2]}
+
+
+def test_when_every_endpoint_was_tried_any_one_is_picked() -> None:
+    route = _route(EndpointHealth())
+    picks = Counter(route.pick(exclude=EPS) for _ in range(30))
+    assert set(picks) == set(EPS)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sidecar import http1
+from sidecar.errors import UntrustedFraming
 from sidecar.http1 import Framing
 
 
@@ -75,3 +78,33 @@ def test_error_response_is_a_complete_json_message() -> None:
 def test_only_safe_methods_and_put_delete_are_idempotent() -> None:
     assert {b"GET", b"HEAD", b"PUT", b"DELETE"} <= http1.IDEMPOTENT
     assert b"POST" not in http1.IDEMPOTENT and b"PATCH" not in http1.IDEMPOTENT
+
+
+def test_framing_comes_from_every_header_even_one_the_connection_header_names() -> None:
+    # a response (not refused): Content-Length stays, and so does the framing read from it
+    lines, framing, _ = http1.filter_headers([(b"Connection", b"content-length"), (b"Content-Length", b"36")])
+    assert (lines, framing) == ([b"Content-Length: 36\r\n"], Framing.LENGTH)
+    _, framing, _ = http1.filter_headers([(b"Connection", b"transfer-encoding"), (b"Transfer-Encoding", b"chunked")])
+    assert framing == Framing.CHUNKED
+    _, framing, _ = http1.filter_headers([(b"Content-Length", b"5")], drop=frozenset({b"content-length"}))
+    assert framing == Framing.LENGTH
+
+
+@pytest.mark.parametrize("named", [b"content-length", b"Transfer-Encoding", b"HOST", b"keep-alive, content-length"])
+def test_request_whose_connection_header_names_a_framing_or_routing_header_is_refused(named: bytes) -> None:
+    headers = [(b"Host", b"song"), (b"Connection", named), (b"Content-Length", b"36")]
+    with pytest.raises(UntrustedFraming) as exc:
+        http1.filter_headers(headers, request=True)
+    assert exc.value.status == 400
+    http1.filter_headers([(b"Connection", b"x-trace, close"), (b"x-trace", b"1")], request=True)  # others are fine
+
+
+def test_request_with_two_host_headers_is_refused() -> None:
+    with pytest.raises(UntrustedFraming, match="Host"):
+        http1.filter_headers([(b"Host", b"artist"), (b"host", b"billing")], request=True)
+
+
+def test_transfer_encoding_without_final_chunked_overrides_content_length() -> None:
+    # RFC 9112 6.3: a response then runs until the connection closes; its Content-Length goes
+    lines, framing, _ = http1.filter_headers([(b"Transfer-Encoding", b"gzip"), (b"Content-Length", b"5"), (b"x", b"1")])
+    assert (lines, framing) == ([b"x: 1\r\n"], Framing.NONE)
