@@ -36,7 +36,8 @@ COPY --from=build /opt/sidemesh /opt/sidemesh
 ENV PATH=/opt/sidemesh/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-# app 8080; sidecar outbound 15001, inbound 15006, admin 15000; control plane gRPC 15010, HTTP 15014
-EXPOSE 8080 15000 15001 15006 15010 15014
+# app 8080; sidecar outbound 15001, inbound 15006 (mutual TLS), admin 15000; control plane gRPC 15010
+# (mutual TLS), identity 15012 (join tokens), HTTP 15014
+EXPOSE 8080 15000 15001 15006 15010 15012 15014
 ENTRYPOINT ["sidemesh"]
 CMD ["--help"]

@@ -118,7 +118,7 @@ def measure(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     address = args.address
     status_url = f"http://{address}:{CP_HTTP_PORT}/status"
     with Children(workdir) as children:
-        cp = start_controlplane(children, address, "--log-level", "warning")
+        cp = start_controlplane(children, address, "--log-level", "warning", "--insecure")
         cpu_start = cpu_seconds(cp.pid)
         rss_empty = memory_mb(cp.pid, "VmRSS")
         readers = []

@@ -26,6 +26,8 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from controlplane.tokens import bearer_token
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 ENV_ADMIN_TOKEN = "SIDEMESH_ADMIN_TOKEN"
@@ -77,9 +79,9 @@ class AdminPolicy:
     def _token_matches(self, authorization: str | None) -> bool:
         if self.token is None or not authorization:
             return False
-        scheme, _, given = authorization.strip().partition(" ")
+        given = bearer_token(authorization)
         # constant-time, so the time a wrong guess takes says nothing about the token
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
+        return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
 
     def _peer_allowed(self, peer: str | None) -> bool:
         try:

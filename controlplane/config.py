@@ -3,25 +3,30 @@
 ``parse_args(argv)`` is the only place that reads the environment; the result
 is a frozen ``ControlPlaneConfig`` handed to every component. Limits on what
 peers may send live in ``limits.py``; who may change state over HTTP in
-``adminauth.py``; both are parsed here.
+``adminauth.py``; who may call whom in ``authz.py``; all are parsed here.
+
+Security (DESIGN.md, "Identity") is on unless ``--insecure``: the gRPC port then
+speaks mutual TLS only, and a second port (``--identity-port``) issues workload
+certificates to sidecars that prove their service with a join token.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 from controlplane.adminauth import AdminPolicy, add_admin_arguments, policy_from_args
-from controlplane.limits import (
-    DEFAULT_SNAPSHOT_BUDGET_BYTES,
-    SIDECAR_MAX_RECEIVE_BYTES,
-    HelloLimits,
-    flag,
-)
-from controlplane.model import LB_POLICIES, ServicePolicy
+from controlplane.authz import AuthorizationRules, RuleError, parse_allow
+from controlplane.limits import DEFAULT_SNAPSHOT_BUDGET_BYTES, HelloLimits, add_limit_arguments, limits_from_args
+from controlplane.model import DNS_LABEL, LB_POLICIES, ServicePolicy
+from identity.spiffe import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId
 
 ENV_LISTEN = "SIDEMESH_CP_LISTEN"
 ENV_GRPC_PORT = "SIDEMESH_CP_GRPC_PORT"
@@ -30,6 +35,14 @@ ENV_COALESCE_MS = "SIDEMESH_CP_COALESCE_MS"
 ENV_WARMUP_TIMEOUT = "SIDEMESH_CP_WARMUP_TIMEOUT"
 ENV_POLICY = "SIDEMESH_CP_POLICY"  # several policies separated by ';'
 ENV_LOG_LEVEL = "SIDEMESH_LOG_LEVEL"
+ENV_INSECURE = "SIDEMESH_CP_INSECURE"
+ENV_CA_DIR = "SIDEMESH_CP_CA_DIR"
+ENV_TRUST_DOMAIN = "SIDEMESH_CP_TRUST_DOMAIN"
+ENV_CERT_TTL = "SIDEMESH_CP_CERT_TTL"
+ENV_JOIN_TOKENS = "SIDEMESH_CP_JOIN_TOKENS"
+ENV_IDENTITY_PORT = "SIDEMESH_CP_IDENTITY_PORT"
+ENV_SERVER_NAMES = "SIDEMESH_CP_SERVER_NAMES"  # comma-separated
+ENV_ALLOW = "SIDEMESH_CP_ALLOW"  # comma-separated CALLER->CALLEE rules
 
 DEFAULT_LISTEN = "0.0.0.0"
 DEFAULT_GRPC_PORT = 15010
@@ -40,6 +53,16 @@ DEFAULT_HELLO_TIMEOUT = 10.0
 DEFAULT_GRACE = 2.0
 DEFAULT_LOG_LEVEL = "info"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_IDENTITY_PORT = 15012
+DEFAULT_CA_DIR = Path("/var/lib/sidemesh/ca")
+DEFAULT_CERT_TTL_S = 24 * 3600.0
+# sidecars dial the control plane by whatever address they are given and check its
+# certificate for this name (grpc.ssl_target_name_override), so it is always a SAN
+CONTROLPLANE_SERVER_NAME = "controlplane"
+DEFAULT_SERVER_NAMES = (CONTROLPLANE_SERVER_NAME, "localhost")
+# an Identity.Issue request is a CSR of about 1 KiB; the identity port answers anyone
+# who completes a TLS handshake, so it parses nothing much larger
+MAX_ISSUE_REQUEST_BYTES = 64 * 1024
 
 # gRPC keepalive: sidecars ping every 1 s without data, so the server
 # must tolerate that; the server pings too, so silent peers are dropped.
@@ -47,7 +70,10 @@ KEEPALIVE_TIME_MS = 2000
 KEEPALIVE_TIMEOUT_MS = 2000
 MIN_RECV_PING_INTERVAL_MS = 500
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*\Z")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+_ALLOW_NEEDS_IDENTITIES = "--allow needs verified caller identities; it cannot be combined with --insecure"
 
 
 class ConfigError(ValueError):
@@ -71,9 +97,41 @@ class ControlPlaneConfig:
     hello_limits: HelloLimits = field(default_factory=HelloLimits)
     snapshot_budget_bytes: int = DEFAULT_SNAPSHOT_BUDGET_BYTES
     admin: AdminPolicy = field(default_factory=AdminPolicy)
+    # identity (DESIGN.md, "Identity"); insecure: plaintext gRPC, no certificates at all
+    insecure: bool = False
+    ca_dir: Path = DEFAULT_CA_DIR
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    cert_ttl_s: float = DEFAULT_CERT_TTL_S
+    join_tokens: Path | None = None
+    identity_port: int = DEFAULT_IDENTITY_PORT
+    server_names: tuple[str, ...] = DEFAULT_SERVER_NAMES
+    allow: AuthorizationRules = field(default_factory=AuthorizationRules)
+
+    def __post_init__(self) -> None:
+        if self.insecure and self.allow.enforced:
+            raise ConfigError(_ALLOW_NEEDS_IDENTITIES)
+        if self.cert_ttl_s <= 0:
+            raise ConfigError(f"--cert-ttl must be positive, got {self.cert_ttl_s}")
 
     def policy_for(self, service: str) -> ServicePolicy:
-        return self.policies.get(service, self.default_policy)
+        policy = self.policies.get(service, self.default_policy)
+        if not self.allow.enforced:
+            return policy
+        return replace(policy, authorization=self.allow.for_service(service))
+
+    @property
+    def serving_dns_names(self) -> tuple[str, ...]:
+        """DNS SANs of the control plane's serving certificate: always ``controlplane``."""
+        return tuple(dict.fromkeys((CONTROLPLANE_SERVER_NAME, *self.server_names)))
+
+    @property
+    def serving_ips(self) -> tuple[str, ...]:
+        """IP SANs of the serving certificate: the listen address, when it is a specific one."""
+        try:
+            address = ipaddress.ip_address(self.listen.strip("[]"))
+        except ValueError:
+            return ()
+        return () if address.is_unspecified else (str(address),)
 
     def grpc_server_options(self) -> list[tuple[str, int]]:
         """Channel args for ``grpc.aio.server`` (keepalive both ways, see above)."""
@@ -87,6 +145,46 @@ class ControlPlaneConfig:
             # refused by gRPC before parsing, as RESOURCE_EXHAUSTED (see limits.py)
             ("grpc.max_receive_message_length", self.hello_limits.max_request_bytes),
         ]
+
+    def identity_server_options(self) -> list[tuple[str, int]]:
+        """Channel args for the identity port's server: unary calls, small requests."""
+        return [("grpc.max_receive_message_length", MAX_ISSUE_REQUEST_BYTES)]
+
+
+def parse_duration(text: str) -> float:
+    """``20s``, ``90m``, ``24h``, ``7d`` or plain seconds (``3600``) -> seconds, > 0."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(f"{text!r} is not a duration (e.g. 20s, 90m, 24h, 7d, or seconds)")
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"duration {text!r} must be positive")
+    return seconds
+
+
+def parse_server_name(text: str) -> str:
+    """A DNS name for the serving certificate (RFC 1123 host name), lowercased."""
+    name = text.strip().rstrip(".").lower()
+    if not name or len(name) > 253 or not all(DNS_LABEL.match(label) for label in name.split(".")):
+        raise ConfigError(f"--server-name {text!r} is not a DNS name (labels of a-z, 0-9, '-', joined by '.')")
+    return name
+
+
+def default_server_names(hostname: str) -> tuple[str, ...]:
+    """``controlplane``, ``localhost`` and this host's name (when it is a usable DNS name)."""
+    try:
+        return tuple(dict.fromkeys((*DEFAULT_SERVER_NAMES, parse_server_name(hostname))))
+    except ConfigError:
+        return DEFAULT_SERVER_NAMES
+
+
+def parse_bool(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be one of {', '.join(_TRUE)} or {', '.join(v for v in _FALSE if v)}, got {text!r}")
 
 
 def parse_policy(text: str) -> tuple[str, ServicePolicy]:
@@ -137,47 +235,60 @@ def _non_negative(value: str) -> float:
     return number
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from exc
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {value}")
-    return number
-
-
-_LIMIT_HELP = {
-    "max_labels": "labels in one Hello",
-    "max_label_key_bytes": "bytes of one label key",
-    "max_label_value_bytes": "bytes of one label value",
-    "max_label_bytes": "bytes of all label keys and values of one Hello together (they are copied into every snapshot)",
-    "max_known_instances": "entries in a Hello's known_instances",
-    "max_known_endpoints": "entries in a Hello's known_endpoints",
-    "max_node_id_bytes": "bytes of node_id (and of each known_instances entry)",
-    "max_address_bytes": "bytes of address (and of each known_endpoints address)",
-    "max_last_version_bytes": "bytes of last_version",
-    "max_request_bytes": ("bytes of one message a sidecar sends (grpc.max_receive_message_length); gRPC "
-                          "itself refuses a larger one with RESOURCE_EXHAUSTED before it is parsed"),
-}
-
-
-def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_security_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     group = parser.add_argument_group(
-        "limits (hostile peers)",
-        "A Hello over any of these is refused: its stream ends with INVALID_ARGUMENT naming the limit "
-        "and the value, nothing is registered or pushed, and it is counted in "
-        "sidemesh_controlplane_hello_limit_rejections_total{limit=...}.",
+        "identity and mutual TLS",
+        "By default every sidecar proves its service: the gRPC port speaks mutual TLS and accepts only "
+        "workload certificates (spiffe://<trust-domain>/service/<name>) issued by this control plane's CA; "
+        "a stream may register only the service its certificate names, at the address it connects from. "
+        "A sidecar without a certificate gets one on the identity port with its service's join token "
+        "(sidemesh.v1.Identity/Issue, metadata 'authorization: Bearer <token>'), and renews it over "
+        "mutual TLS on the gRPC port.",
     )
-    defaults = HelloLimits()
-    for name, text in _LIMIT_HELP.items():
-        group.add_argument(flag(name), dest=name, type=_positive_int, default=getattr(defaults, name),
-                           metavar="N", help=f"most {text} (default %(default)s)")
     group.add_argument(
-        "--snapshot-budget-bytes", type=_positive_int, default=DEFAULT_SNAPSHOT_BUDGET_BYTES, metavar="N",
-        help=(f"refuse (RESOURCE_EXHAUSTED) a registration that would make the encoded route snapshot "
-              f"larger than this; everyone else keeps receiving the current table. Sidecars accept "
-              f"messages up to {SIDECAR_MAX_RECEIVE_BYTES} bytes (default %(default)s: that, less a safety margin)"),
+        "--insecure", action="store_true", default=None,
+        help=(f"plaintext gRPC as before identities: no TLS, no Identity service, any peer may register "
+              f"any service (env {ENV_INSECURE}=1; default: off)"),
+    )
+    group.add_argument(
+        "--ca-dir", type=Path, default=Path(env.get(ENV_CA_DIR, str(DEFAULT_CA_DIR))), metavar="DIR",
+        help=(f"the mesh CA: ca.pem and ca-key.pem, loaded from here, or generated here on first start "
+              f"(the key with mode 0600); put your own CA there to use it (env {ENV_CA_DIR}; default %(default)s)"),
+    )
+    group.add_argument(
+        "--trust-domain", default=env.get(ENV_TRUST_DOMAIN, DEFAULT_TRUST_DOMAIN),
+        help=f"the SPIFFE trust domain of every identity (env {ENV_TRUST_DOMAIN}; default %(default)s)",
+    )
+    group.add_argument(
+        "--cert-ttl", default=env.get(ENV_CERT_TTL, "24h"), metavar="DURATION",
+        help=(f"lifetime of issued workload certificates and of the control plane's own serving "
+              f"certificate, e.g. 20s, 90m, 24h or seconds; sidecars renew at half-life (env {ENV_CERT_TTL}; "
+              f"default %(default)s)"),
+    )
+    group.add_argument(
+        "--join-tokens", type=Path, default=env.get(ENV_JOIN_TOKENS), metavar="DIR",
+        help=(f"one file per service, named after it, holding that service's join token; read on every "
+              f"request, so tokens can be added while running (env {ENV_JOIN_TOKENS}; default: none, "
+              f"no certificate is issued to a sidecar that has none yet)"),
+    )
+    group.add_argument(
+        "--identity-port", type=_port, default=env.get(ENV_IDENTITY_PORT, DEFAULT_IDENTITY_PORT),
+        help=(f"server-authenticated TLS port where a sidecar trades its join token and a CSR for its "
+              f"first certificate; 0 picks a free port (env {ENV_IDENTITY_PORT}; default %(default)s)"),
+    )
+    group.add_argument(
+        "--server-name", action="append", default=None, metavar="NAME",
+        help=(f"a DNS name for the control plane's serving certificate, repeatable; "
+              f"'{CONTROLPLANE_SERVER_NAME}' is always included (sidecars verify that name) and so is the "
+              f"--listen address when it is a specific IP (env {ENV_SERVER_NAMES}, comma-separated; "
+              f"default: {', '.join(DEFAULT_SERVER_NAMES)} and this host's name)"),
+    )
+    group.add_argument(
+        "--allow", action="append", default=None, metavar="CALLER->CALLEE",
+        help=(f"authorization rule, repeatable or comma-separated, e.g. 'song->artist,song->image' "
+              f"(quote it: '>' is a shell redirect). With any rule every service is deny-by-default and "
+              f"its sidecars admit only the callers rules name for it; with none nothing is enforced "
+              f"(env {ENV_ALLOW}; default: none)"),
     )
 
 
@@ -189,7 +300,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             "Run the sidemesh control plane: a gRPC discovery stream (sidecars register with a "
             "Hello; the open stream is their lease) that pushes a full, versioned route snapshot "
             "to every sidecar on each change, plus an HTTP API with /healthz, /status, /metrics "
-            "and /faults (POST {\"fault\": \"empty-snapshot\"|\"drop-service\"|\"clear\"})."
+            "and /faults (POST {\"fault\": \"empty-snapshot\"|\"drop-service\"|\"clear\"}). "
+            "It is also the mesh's certificate authority: sidecars prove their service with a join token "
+            "or their current certificate and get workload certificates (see 'identity and mutual TLS')."
         ),
     )
     parser.add_argument(
@@ -198,7 +311,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--grpc-port", type=_port, default=env.get(ENV_GRPC_PORT, DEFAULT_GRPC_PORT),
-        help=f"gRPC discovery port; 0 picks a free port (env {ENV_GRPC_PORT}; default %(default)s)",
+        help=(f"gRPC port: the discovery stream and certificate renewal, mutual TLS unless --insecure; "
+              f"0 picks a free port (env {ENV_GRPC_PORT}; default %(default)s)"),
     )
     parser.add_argument(
         "--http-port", type=_port, default=env.get(ENV_HTTP_PORT, DEFAULT_HTTP_PORT),
@@ -235,7 +349,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--log-level", choices=LOG_LEVELS, default=env.get(ENV_LOG_LEVEL, DEFAULT_LOG_LEVEL),
         help=f"log verbosity (env {ENV_LOG_LEVEL}; default %(default)s)",
     )
-    _add_limit_arguments(parser)
+    _add_security_arguments(parser, env)
+    add_limit_arguments(parser)
     add_admin_arguments(parser, env, "POST /faults (it changes what every sidecar receives)")
     return parser
 
@@ -251,8 +366,15 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Con
         http_port = _port(str(args.http_port))
         coalesce_ms = _non_negative(str(args.coalesce_ms))
         warmup_timeout = _non_negative(str(args.warmup_timeout))
+        identity_port = _port(str(args.identity_port))
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
+    try:
+        security = _security_settings(args, env)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if not security["insecure"] and identity_port != 0 and identity_port == grpc_port:
+        parser.error(f"--identity-port and --grpc-port must differ (both {grpc_port})")
     if args.log_level not in LOG_LEVELS:
         parser.error(f"{ENV_LOG_LEVEL} must be one of {', '.join(LOG_LEVELS)}")
     specs = args.policy if args.policy is not None else [
@@ -269,7 +391,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Con
         admin = policy_from_args(args, env)
     except ValueError as exc:
         parser.error(str(exc))
-    limits = HelloLimits(**{name: getattr(args, name) for name in _LIMIT_HELP})
+    limits = limits_from_args(args)
     return ControlPlaneConfig(
         listen=args.listen,
         grpc_port=grpc_port,
@@ -283,4 +405,37 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Con
         hello_limits=limits,
         snapshot_budget_bytes=args.snapshot_budget_bytes,
         admin=admin,
+        identity_port=identity_port,
+        **security,
     )
+
+
+def _security_settings(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
+    """The identity fields of the config from flags and env; ConfigError says what is wrong."""
+    insecure = True if args.insecure else parse_bool(ENV_INSECURE, env.get(ENV_INSECURE, ""))
+    try:
+        SpiffeId(args.trust_domain, "controlplane")
+    except IdentityError as exc:
+        raise ConfigError(f"--trust-domain: {exc}") from exc
+    if args.server_name is not None:
+        names = tuple(parse_server_name(n) for n in args.server_name)
+    elif env.get(ENV_SERVER_NAMES, "").strip():
+        names = tuple(parse_server_name(n) for n in env[ENV_SERVER_NAMES].split(",") if n.strip())
+    else:
+        names = default_server_names(socket.gethostname())
+    rules = args.allow if args.allow is not None else [env.get(ENV_ALLOW, "")]
+    try:
+        allow = parse_allow(rules)
+    except RuleError as exc:
+        raise ConfigError(str(exc)) from exc
+    if insecure and allow.enforced:
+        raise ConfigError(_ALLOW_NEEDS_IDENTITIES)
+    return {
+        "insecure": insecure,
+        "ca_dir": args.ca_dir,
+        "trust_domain": args.trust_domain,
+        "cert_ttl_s": parse_duration(str(args.cert_ttl)),
+        "join_tokens": None if not args.join_tokens else Path(args.join_tokens),
+        "server_names": names,
+        "allow": allow,
+    }

@@ -8,6 +8,10 @@ merge of both, so ``base + encode(Snapshot(nonce=n))`` parses as the snapshot
 with that nonce. Pushing one version to 1000 streams therefore costs one
 serialization, not 1000.
 
+The Identity service (``Identity/Issue``) is decoded here too: ``decode_issue_request``
+turns the wire request into ``IssueRequest`` and ``encode_issue_response`` the answer
+into bytes; the decisions live in ``issuer.py``.
+
 Sizes for the snapshot budget (``budget.py``) are computed here too, since
 only this module knows the encoding: ``endpoint_wire_bytes`` and
 ``service_frame_bytes`` are what one instance and one service add to the
@@ -22,13 +26,25 @@ from collections.abc import Callable
 from typing import Any
 
 from controlplane.limits import HelloLimits, Violation, check_hello
-from controlplane.model import AckMessage, Hello, Instance, KnownEndpoint, PingMessage, ServicePolicy, Snapshot
+from controlplane.model import (
+    DNS_LABEL,
+    AckMessage,
+    Authorization,
+    Hello,
+    Instance,
+    IssueRequest,
+    KnownEndpoint,
+    PingMessage,
+    ServicePolicy,
+    Snapshot,
+)
 from meshpb.v1 import discovery_pb2
 
 SERVICE_NAME: str = discovery_pb2.DESCRIPTOR.services_by_name["Discovery"].full_name
 METHOD_NAME = "Stream"
+IDENTITY_SERVICE_NAME: str = discovery_pb2.DESCRIPTOR.services_by_name["Identity"].full_name
+ISSUE_METHOD_NAME = "Issue"
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _BAD_NODE_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
@@ -55,6 +71,11 @@ class HelloOverLimit(InvalidHello):
 def request_deserializer() -> Callable[[bytes], Any]:
     """For the gRPC method handler: bytes -> DiscoveryRequest."""
     return discovery_pb2.DiscoveryRequest.FromString
+
+
+def issue_request_deserializer() -> Callable[[bytes], Any]:
+    """For the Identity/Issue method handler: bytes -> IssueRequest."""
+    return discovery_pb2.IssueRequest.FromString
 
 
 def identity_serializer(data: bytes) -> bytes:
@@ -137,6 +158,28 @@ def _bad_known_endpoint(entry: Any) -> str | None:
     return None
 
 
+def decode_issue_request(msg: Any, limits: HelloLimits = HelloLimits()) -> IssueRequest:
+    """A wire IssueRequest -> ``IssueRequest``; ``ProtocolError`` for a node_id unfit for a log line.
+
+    The CSR itself is checked by the issuer (``identity.certs.csr_identity``). The node_id
+    is informational and may be empty, but it is logged, so it is held to the Hello's rules.
+    """
+    node_id = str(msg.node_id)
+    if len(node_id.encode("utf-8", "surrogatepass")) > limits.max_node_id_bytes:
+        raise ProtocolError(f"node_id is longer than {limits.max_node_id_bytes} bytes")
+    if _BAD_NODE_CHARS.search(node_id):
+        raise ProtocolError(f"node_id {node_id[:64]!r} holds whitespace or control characters")
+    if not msg.csr_pem:
+        raise ProtocolError("csr_pem is empty: send a PEM certificate signing request for your SPIFFE ID")
+    return IssueRequest(csr_pem=str(msg.csr_pem).encode(), node_id=node_id)
+
+
+def encode_issue_response(cert_pem: bytes, bundle_pem: bytes) -> bytes:
+    """The IssueResponse's wire bytes: the new certificate and the trust bundle, PEM."""
+    return bytes(discovery_pb2.IssueResponse(cert_pem=cert_pem.decode("ascii"),
+                                             bundle_pem=bundle_pem.decode("ascii")).SerializeToString())
+
+
 def decode_first(msg: Any, limits: HelloLimits = HelloLimits()) -> Hello:
     """The first message of a stream: it must be a valid Hello within ``limits``."""
     kind = msg.WhichOneof("kind")
@@ -169,10 +212,19 @@ def snapshot_to_pb(snapshot: Snapshot, nonce: str = "") -> Any:
         out.policy.timeout_ms = svc.policy.timeout_ms
         out.policy.retries = svc.policy.retries
         out.policy.lb = svc.policy.lb
+        _set_authorization(out.policy, svc.policy.authorization)
         for ep in svc.endpoints:
             e = out.endpoints.add(address=ep.address, port=ep.port, instance=ep.instance)
             e.labels.update(dict(ep.labels))
     return msg
+
+
+def _set_authorization(policy: Any, authorization: Authorization) -> None:
+    # left unset when not enforced: an absent message reads as enforced=false, and a
+    # mesh without rules (or --insecure) then encodes exactly as before identities
+    if authorization.enforced:
+        policy.authorization.enforced = True
+        policy.authorization.allowed_callers.extend(authorization.allowed_callers)
 
 
 def encode_snapshot(snapshot: Snapshot) -> bytes:
@@ -208,6 +260,7 @@ def service_frame_bytes(name: str, policy: ServicePolicy) -> int:
     service.policy.timeout_ms = policy.timeout_ms
     service.policy.retries = policy.retries
     service.policy.lb = policy.lb
+    _set_authorization(service.policy, policy.authorization)
     return 1 + _MAX_LENGTH_PREFIX + service.ByteSize()
 
 

@@ -12,17 +12,14 @@ into the new ``Faults`` value or raises ``FaultError`` saying what is wrong.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
-from controlplane.model import Faults, ServiceRoutes
+from controlplane.model import DNS_LABEL, Faults, ServiceRoutes
 
 FAULT_EMPTY = "empty-snapshot"
 FAULT_DROP = "drop-service"
 FAULT_CLEAR = "clear"
 FAULT_KINDS = (FAULT_EMPTY, FAULT_DROP, FAULT_CLEAR)
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class FaultError(ValueError):
@@ -40,7 +37,7 @@ def apply_fault(current: Faults, request: object) -> Faults:
         return Faults(empty_snapshot=True, dropped_services=current.dropped_services)
     if kind == FAULT_DROP:
         service = request.get("service")
-        if not isinstance(service, str) or not _DNS_LABEL.match(service):
+        if not isinstance(service, str) or not DNS_LABEL.match(service):
             raise FaultError('drop-service needs "service": a DNS label such as "artist"')
         return Faults(
             empty_snapshot=current.empty_snapshot,

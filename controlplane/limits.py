@@ -17,12 +17,13 @@ long as the sender stayed connected. Three layers keep that from happening:
    RESOURCE_EXHAUSTED, so the table everybody already has keeps flowing.
 
 Every limit here has a ``--flag`` of the same name (``max_labels`` is
-``--max-labels``) and a default in ``HelloLimits``; this module is the only
-place that knows them.
+``--max-labels``, added by ``add_limit_arguments``) and a default in
+``HelloLimits``; this module is the only place that knows them.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, fields
 
@@ -148,3 +149,53 @@ def _violations(
     for address in known_endpoint_addresses:
         yield _over("max_address_bytes", _size(address), limits.max_address_bytes,
                     f"known_endpoints address {_short(address)}")
+
+
+_LIMIT_HELP = {
+    "max_labels": "labels in one Hello",
+    "max_label_key_bytes": "bytes of one label key",
+    "max_label_value_bytes": "bytes of one label value",
+    "max_label_bytes": "bytes of all label keys and values of one Hello together (they are copied into every snapshot)",
+    "max_known_instances": "entries in a Hello's known_instances",
+    "max_known_endpoints": "entries in a Hello's known_endpoints",
+    "max_node_id_bytes": "bytes of node_id (and of each known_instances entry)",
+    "max_address_bytes": "bytes of address (and of each known_endpoints address)",
+    "max_last_version_bytes": "bytes of last_version",
+    "max_request_bytes": ("bytes of one message a sidecar sends (grpc.max_receive_message_length); gRPC "
+                          "itself refuses a larger one with RESOURCE_EXHAUSTED before it is parsed"),
+}
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from exc
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {value}")
+    return number
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """A flag per ``HelloLimits`` field and ``--snapshot-budget-bytes``."""
+    group = parser.add_argument_group(
+        "limits (hostile peers)",
+        "A Hello over any of these is refused: its stream ends with INVALID_ARGUMENT naming the limit "
+        "and the value, nothing is registered or pushed, and it is counted in "
+        "sidemesh_controlplane_hello_limit_rejections_total{limit=...}.",
+    )
+    defaults = HelloLimits()
+    for name, text in _LIMIT_HELP.items():
+        group.add_argument(flag(name), dest=name, type=_positive_int, default=getattr(defaults, name),
+                           metavar="N", help=f"most {text} (default %(default)s)")
+    group.add_argument(
+        "--snapshot-budget-bytes", type=_positive_int, default=DEFAULT_SNAPSHOT_BUDGET_BYTES, metavar="N",
+        help=(f"refuse (RESOURCE_EXHAUSTED) a registration that would make the encoded route snapshot "
+              f"larger than this; everyone else keeps receiving the current table. Sidecars accept "
+              f"messages up to {SIDECAR_MAX_RECEIVE_BYTES} bytes (default %(default)s: that, less a safety margin)"),
+    )
+
+
+def limits_from_args(args: argparse.Namespace) -> HelloLimits:
+    """The ``HelloLimits`` of ``add_limit_arguments``' flags."""
+    return HelloLimits(**{name: getattr(args, name) for name in _LIMIT_HELP})

@@ -51,6 +51,22 @@ class Metrics:
             f"{PREFIX}_known_endpoints_dropped_total",
             "Hello known_endpoints entries left out as unmatchable (bad service, address or port)", registry=r,
         )
+        self.stream_auth_refusals = Counter(
+            f"{PREFIX}_stream_auth_refusals_total",
+            "Discovery streams refused by identity checks (certificate, claimed service, address, node_id)",
+            ["reason"], registry=r,
+        )
+        self.certificates_issued = Counter(
+            f"{PREFIX}_certificates_issued_total", "Workload certificates issued, by proof (token or certificate)",
+            ["via"], registry=r,
+        )
+        self.issue_refusals = Counter(
+            f"{PREFIX}_issue_refusals_total", "Identity.Issue requests refused, by reason", ["reason"], registry=r,
+        )
+        self.serving_cert_not_after = Gauge(
+            f"{PREFIX}_serving_certificate_not_after_seconds",
+            "Expiry (Unix time) of the control plane's own serving certificate; 0 when insecure", registry=r,
+        )
         self.snapshot_bytes = Gauge(f"{PREFIX}_snapshot_bytes", "Encoded size of the current snapshot", registry=r)
         self.snapshot_estimate_bytes = Gauge(
             f"{PREFIX}_snapshot_estimate_bytes", "Upper bound of the snapshot size the budget works with", registry=r,

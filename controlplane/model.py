@@ -7,7 +7,13 @@ on these types only: protobuf stays at the edge.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+# A service name is a DNS label (RFC 1123 section 2.1), lowercase: it is a DNS name in
+# the fallback (DESIGN.md, "Failover") and the last segment of a SPIFFE ID. ``\Z``, not
+# ``$``, so a trailing newline is not a name.
+DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 LB_ROUND_ROBIN = "round_robin"
 LB_LEAST_REQUEST = "least_request"
@@ -76,12 +82,25 @@ class Instance:
 
 
 @dataclass(frozen=True, slots=True)
+class Authorization:
+    """Who may call a service (DESIGN.md, "Identity"); its sidecars enforce it inbound.
+
+    ``enforced=False`` lets any mesh identity call; with ``enforced=True`` only the
+    services named in ``allowed_callers`` (sorted) may, and an empty tuple means nobody.
+    """
+
+    enforced: bool = False
+    allowed_callers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ServicePolicy:
     """Per-service routing policy sent with every snapshot."""
 
     timeout_ms: int = DEFAULT_TIMEOUT_MS
     retries: int = DEFAULT_RETRIES
     lb: str = LB_ROUND_ROBIN
+    authorization: Authorization = Authorization()
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +180,14 @@ class PreparedSnapshot:
     @property
     def version(self) -> str:
         return self.snapshot.version
+
+
+@dataclass(frozen=True, slots=True)
+class IssueRequest:
+    """A request for a workload certificate: a PEM CSR and the sidecar's node id (for the log)."""
+
+    csr_pem: bytes
+    node_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """The control plane's parts wired together, without any listener.
 
-``ControlPlane(config)`` owns the registry, the warm-up gate, the publisher,
-the metrics and the gRPC service object; ``app.py`` binds them to sockets and
-``httpapi.py`` reads ``status()`` and calls ``apply_fault()``.
+``ControlPlane(config, ca=..., serving=...)`` owns the registry, the warm-up
+gate, the publisher, the metrics and the gRPC service objects (Discovery, and
+Identity unless ``--insecure``); ``app.py`` opens the CA, binds them to sockets
+and ``httpapi.py`` reads ``status()`` and calls ``apply_fault()``.
 """
 
 from __future__ import annotations
@@ -15,30 +16,43 @@ from typing import Any
 
 from controlplane import convert
 from controlplane.budget import SnapshotBudget
+from controlplane.ca import ServingCertificate
 from controlplane.config import ControlPlaneConfig
 from controlplane.faults import apply_fault
+from controlplane.issuer import IdentityService, Issuer
 from controlplane.metrics import Metrics
 from controlplane.model import Faults
 from controlplane.push import Publisher, faults_text
 from controlplane.registry import Registry
 from controlplane.server import REASON_SHUTDOWN, DiscoveryService
 from controlplane.session import STATUS_SYNCED, CloseReason, Session
+from controlplane.tokens import JoinTokens
 from controlplane.warmup import WarmupGate
+from identity.certs import CertificateAuthority, cert_info
 
 log = logging.getLogger("controlplane")
 
 
 class ControlPlane:
-    """Registry + publisher + warm-up + metrics + the Discovery service."""
+    """Registry + publisher + warm-up + metrics + the Discovery and Identity services.
+
+    ``ca`` and ``serving`` are required unless ``config.insecure``.
+    """
 
     def __init__(
         self,
         config: ControlPlaneConfig,
         *,
+        ca: CertificateAuthority | None = None,
+        serving: ServingCertificate | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not config.insecure and (ca is None or serving is None):
+            raise ValueError("a secure control plane needs its CA and serving certificate (or config.insecure)")
         self.config = config
+        self.ca = None if config.insecure else ca
+        self.serving = None if config.insecure else serving
         self.started_at = clock()
         self._clock = clock
         self._monotonic = monotonic
@@ -57,24 +71,36 @@ class ControlPlane:
         self.service = DiscoveryService(
             self.registry, self.publisher, self.warmup, self.metrics,
             hello_timeout=config.hello_timeout, budget=self.budget, limits=config.hello_limits,
-            clock=clock, monotonic=monotonic,
+            trust_domain=None if self.ca is None else self.ca.trust_domain, clock=clock, monotonic=monotonic,
         )
+        self.identity: IdentityService | None = None
+        if self.ca is not None:
+            issuer = Issuer(self.ca, JoinTokens(config.join_tokens), ttl_s=config.cert_ttl_s, clock=clock)
+            self.identity = IdentityService(issuer, self.metrics, limits=config.hello_limits)
         self._publisher_task: asyncio.Task[None] | None = None
+        self._renewal_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start the publish loop (call from the running event loop)."""
+        """Start the publish loop and serving-certificate renewal (call from the running event loop)."""
         if self._publisher_task is None:
             self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
+        if self.serving is not None and self._renewal_task is None:
+            self.metrics.serving_cert_not_after.set(self.serving.not_after)
+            self._renewal_task = asyncio.create_task(self._renew_serving(self.serving), name="serving-cert")
+
+    async def _renew_serving(self, serving: ServingCertificate) -> None:
+        await serving.run(on_renewed=lambda: self.metrics.serving_cert_not_after.set(serving.not_after))
 
     async def stop(self) -> None:
         """Stop publishing and close every stream with UNAVAILABLE."""
-        if self._publisher_task is not None:
-            self._publisher_task.cancel()
-            try:
-                await self._publisher_task
-            except asyncio.CancelledError:
-                pass
-            self._publisher_task = None
+        for task in (self._publisher_task, self._renewal_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._publisher_task = self._renewal_task = None
         self.service.close_all(CloseReason(REASON_SHUTDOWN, "UNAVAILABLE", "control plane is shutting down"))
 
     def apply_fault(self, request: object) -> Faults:
@@ -107,6 +133,9 @@ class ControlPlane:
                 "connected_at": session.connected_at,
                 "sent_version": session.sent_version,
                 "pushes": session.pushes,
+                # the verified certificate the stream was opened with (null when insecure)
+                "identity": None if session.certificate is None else str(session.certificate.identity),
+                "cert_expires_at": None if session.certificate is None else session.certificate.not_after,
             })
         return {
             "version": version,
@@ -128,5 +157,20 @@ class ControlPlane:
                 "budget_bytes": self.budget.limit,
                 "current_bytes": 0 if self.publisher.current is None else len(self.publisher.current.wire),
             },
+            "security": self._security_status(),
+            "authorization": self.config.allow.as_json(),
             "sidecars": sidecars,
+        }
+
+    def _security_status(self) -> dict[str, Any]:
+        if self.ca is None or self.serving is None:
+            return {"mode": "insecure"}
+        return {
+            "mode": "mutual_tls",
+            "trust_domain": self.ca.trust_domain,
+            "ca_dir": str(self.config.ca_dir),
+            "ca_not_after": cert_info(self.ca.cert).not_after,
+            "cert_ttl_s": self.config.cert_ttl_s,
+            "join_tokens": None if self.config.join_tokens is None else str(self.config.join_tokens),
+            "serving_certificate": self.serving.status(),
         }

@@ -1,8 +1,12 @@
 """The gRPC side: ``sidemesh.v1.Discovery/Stream`` on grpc.aio.
 
-Per stream: read the Hello (validated in ``convert`` against the named limits
-of ``limits.py``; a bad one aborts this stream with INVALID_ARGUMENT and
-touches nothing else), check it against the snapshot budget (``budget.py``;
+Per stream: on the mutual-TLS port, take the identity of the verified client
+certificate (``authn.py``; none that names a service: UNAUTHENTICATED); read the
+Hello (validated in ``convert`` against the named limits of ``limits.py``; a bad
+one aborts this stream with INVALID_ARGUMENT and touches nothing else); check
+that it claims only what the certificate proves (its service, its own address, a
+node_id no other key holds; otherwise PERMISSION_DENIED, nothing registered),
+check it against the snapshot budget (``budget.py``;
 over it, the stream ends with RESOURCE_EXHAUSTED and nothing changes), register a
 ``Session`` as the lease, then run two loops: this handler writes whatever the
 session's latest-value slot holds, and a reader task matches Acks/NACKs. When
@@ -21,11 +25,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
-from controlplane import convert
+from controlplane import authn, convert
 from controlplane.budget import SnapshotBudget
 from controlplane.limits import HelloLimits
 from controlplane.metrics import Metrics
@@ -56,6 +60,7 @@ class DiscoveryService:
         hello_timeout: float,
         budget: SnapshotBudget,
         limits: HelloLimits = HelloLimits(),
+        trust_domain: str | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -66,6 +71,8 @@ class DiscoveryService:
         self._hello_timeout = hello_timeout
         self._budget = budget
         self._limits = limits
+        # None: plaintext (--insecure), nobody is authenticated
+        self._trust_domain = trust_domain
         self._clock = clock
         self._monotonic = monotonic
         self._accepting = True
@@ -81,6 +88,30 @@ class DiscoveryService:
         }
         return grpc.method_handlers_generic_handler(convert.SERVICE_NAME, handlers)
 
+    def refusing_handler(self) -> grpc.GenericRpcHandler:
+        """For the identity port, where no client certificate is asked for: every stream is refused."""
+
+        async def refuse(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+            del request_iterator
+            await self._refuse(context, authn.Refusal(
+                authn.UNAUTHENTICATED, authn.NO_CERTIFICATE,
+                "this is the identity port (join tokens, no client certificates): use the mutual-TLS port "
+                "with a workload certificate for the discovery stream"), node="-")
+
+        handlers = {convert.METHOD_NAME: grpc.stream_stream_rpc_method_handler(
+            refuse, request_deserializer=convert.request_deserializer(),
+            response_serializer=convert.identity_serializer)}
+        return grpc.method_handlers_generic_handler(convert.SERVICE_NAME, handlers)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, refusal: authn.Refusal, *, node: str,
+                      service: str = "-", identity: str = "-") -> NoReturn:
+        """Count, log and end the stream with the refusal's status (raises, like ``abort``)."""
+        self._metrics.stream_auth_refusals.labels(reason=refusal.reason).inc()
+        log.warning("event=stream_refused node=%s service=%s identity=%s peer=%s reason=%s detail=%r",
+                    node, service, identity, context.peer(), refusal.reason, refusal.detail)
+        await context.abort(getattr(grpc.StatusCode, refusal.code), refusal.detail)
+        raise AssertionError("not reached: abort raises")
+
     def close_all(self, reason: CloseReason) -> None:
         """Stop accepting Hellos and end every open stream (shutdown)."""
         self._accepting = False
@@ -92,6 +123,12 @@ class DiscoveryService:
         del request_iterator  # we use context.read() so reads and writes run concurrently
         if not self._accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "control plane is shutting down")
+        certificate: authn.PeerCertificate | None = None
+        if self._trust_domain is not None:
+            try:
+                certificate = authn.peer_certificate(context.auth_context(), self._trust_domain)
+            except authn.Refusal as refusal:
+                await self._refuse(context, refusal, node="-")
         try:
             first = await asyncio.wait_for(context.read(), timeout=self._hello_timeout)
         except TimeoutError:
@@ -114,6 +151,15 @@ class DiscoveryService:
                         convert.claimed_node_id(first) or "-", context.peer(), limit, exc.reason)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid hello: {exc.reason}")
             return  # not reached: abort raises
+        if certificate is not None:
+            # from here to register() nothing awaits: the holder checked is the holder replaced
+            holder = self._registry.lease_of(hello.node_id)
+            try:
+                authn.check_stream_claims(certificate, hello, authn.peer_address(context.peer()),
+                                          None if holder is None else holder.certificate)
+            except authn.Refusal as refusal:
+                await self._refuse(context, refusal, node=hello.node_id, service=hello.service,
+                                   identity=str(certificate.identity))
 
         instance = Instance.from_hello(hello)
         endpoint_bytes = convert.endpoint_wire_bytes(instance)
@@ -130,7 +176,7 @@ class DiscoveryService:
             log.info("event=known_endpoints_dropped node=%s count=%d first=%r", hello.node_id,
                      len(hello.dropped_known_endpoints), hello.dropped_known_endpoints[0])
 
-        session = Session(hello, connected_at=self._clock(), peer=context.peer())
+        session = Session(hello, connected_at=self._clock(), peer=context.peer(), certificate=certificate)
         self._warmup.on_hello(hello.node_id, hello.known_instances, self._monotonic(),
                               endpoint=hello.endpoint, known_endpoints=hello.known_endpoints)
         self._publisher.note_version(hello.last_version)
@@ -146,9 +192,10 @@ class DiscoveryService:
         self._metrics.connected.set(len(self._registry))
         log.info(
             "event=sidecar_connected node=%s service=%s address=%s port=%d last_version=%s known_instances=%d "
-            "known_endpoints=%d stream=%d",
+            "known_endpoints=%d stream=%d identity=%s",
             hello.node_id, hello.service, hello.address, hello.port, hello.last_version or "-",
             len(hello.known_instances), len(hello.known_endpoints), session.id,
+            "-" if certificate is None else certificate.identity,
         )
         self._publisher.mark_dirty()
         reader = asyncio.create_task(self._read_acks(session, context), name=f"acks-{hello.node_id}")

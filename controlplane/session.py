@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
+from controlplane.authn import PeerCertificate
 from controlplane.model import AckMessage, Hello, Nack, PreparedSnapshot
 
 # pushes remembered per stream for matching Acks; older ones count as unknown
@@ -123,10 +124,13 @@ class Session:
 
     _ids = itertools.count(1)
 
-    def __init__(self, hello: Hello, *, connected_at: float, peer: str = "") -> None:
+    def __init__(self, hello: Hello, *, connected_at: float, peer: str = "",
+                 certificate: PeerCertificate | None = None) -> None:
         self.id = next(Session._ids)
         self.hello = hello
         self.peer = peer
+        # the verified client certificate the stream was opened with (None when insecure)
+        self.certificate = certificate
         self.connected_at = connected_at
         self.offered_version: str | None = None
         self.sent_version: str | None = None

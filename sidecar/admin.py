@@ -28,19 +28,26 @@ Answer = tuple[int, bytes, bytes]  # status, content type, body
 
 
 class AdminApi:
-    def __init__(self, book: RouteBook, exporter: MetricsExporter, describe: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, book: RouteBook, exporter: MetricsExporter, describe: Callable[[], dict[str, Any]],
+                 *, identity_problem: Callable[[], str | None] = lambda: None) -> None:
         self.book = book
         self.exporter = exporter
         self.describe = describe
+        # with mutual TLS, a sidecar without a valid certificate cannot serve mesh calls: not ready
+        self.identity_problem = identity_problem
 
     def handle(self, method: bytes, path: bytes) -> Answer:
         if method not in (b"GET", b"HEAD"):
             return _json(405, {"error": f"method {method.decode(errors='replace')} not allowed; the admin API is read-only"})
         route = path.split(b"?", 1)[0]
         if route == b"/ready":
-            if self.book.failover.settled:
-                return _json(200, {"ready": True, "mode": self.book.mode.value})
-            return _json(503, {"ready": False, "mode": self.book.mode.value, "reason": "waiting for the first snapshot"})
+            mode = self.book.mode.value
+            if not self.book.failover.settled:
+                return _json(503, {"ready": False, "mode": mode, "reason": "waiting for the first snapshot"})
+            problem = self.identity_problem()
+            if problem is not None:
+                return _json(503, {"ready": False, "mode": mode, "reason": problem})
+            return _json(200, {"ready": True, "mode": mode})
         if route == b"/state":
             return _json(200, {**self.describe(), **self.book.state(), "now": time.time()})
         if route == b"/metrics":

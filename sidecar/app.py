@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
@@ -28,6 +28,10 @@ from sidecar.model import Endpoint, Policy, Source
 from sidecar.proxy import INBOUND, OUTBOUND, DownstreamConnection, ProxyContext
 from sidecar.routing import RouteBook
 from sidecar.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from sidecar.certmanager import CertificateManager
+    from sidecar.workload import WorkloadIdentity
 
 log = logging.getLogger("sidemesh.sidecar")
 
@@ -44,14 +48,30 @@ class Sidecar:
             settle_timeout_s=config.initial_fetch_timeout_s + 1.0,
             guard_grace_s=config.guard_grace_s,
         )
+        self.identity: WorkloadIdentity | None = None
+        self.certs: CertificateManager | None = None
+        if config.identity is not None:
+            # imported only with identity on: `cryptography` costs an --insecure sidecar ~9 MB RSS
+            from identity.store import IdentityFiles
+            from sidecar.certmanager import CertificateManager, IssuerConfig
+            from sidecar.workload import WorkloadIdentity
+
+            ident = config.identity
+            self.identity = WorkloadIdentity(config.service, ident.trust_domain)
+            self.certs = CertificateManager(self.identity, IssuerConfig(
+                node_id=config.instance, renew_target=config.controlplane, bootstrap_target=ident.bootstrap_target,
+                files=IdentityFiles(ident.directory), join_token_file=ident.join_token_file,
+                join_token=ident.join_token, trust_bundle=ident.trust_bundle))
         self.metrics = SidecarMetrics()
         self.pool = UpstreamPool(connect_timeout_s=config.connect_timeout_s)
         self.exporter = MetricsExporter(self.metrics, self.book, self.pool, service=config.service, instance=config.instance)
-        self.outbound = ProxyContext(OUTBOUND, pool=self.pool, metrics=self.metrics, book=self.book, limits=config.limits)
+        # with an identity, hops to other sidecars are mTLS and inbound calls are authorized (sidecar/mtls.py)
+        self.outbound = ProxyContext(OUTBOUND, pool=self.pool, metrics=self.metrics, book=self.book, limits=config.limits,
+                                     identity=self.identity)
         app_ep = Endpoint(config.app[0], config.app[1], "app")
         app_route = ResolvedRoute("app", (app_ep,), Source.CONTROLPLANE, self.health, Policy(timeout_s=config.app_timeout_s, retries=1))
         self.inbound = ProxyContext(INBOUND, pool=self.pool, metrics=self.metrics, app_route=app_route,
-                                    limits=config.limits)
+                                    limits=config.limits, identity=self.identity, authorizations=self.book)
         self.discovery = DiscoveryClient(
             config.controlplane,
             Identity(config.instance, config.service, config.address, config.inbound_port),
@@ -62,9 +82,11 @@ class Sidecar:
                 ping_interval_s=config.ping_interval_s,
                 ping_timeout_s=config.ping_timeout_s,
             ),
+            credentials=None if self.certs is None else self.certs.channel_credentials(),
         )
         self._servers: list[asyncio.AbstractServer] = []
         self._discovery_task: asyncio.Task[None] | None = None
+        self._certs_task: asyncio.Task[None] | None = None
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -88,23 +110,32 @@ class Sidecar:
                 "inbound": self.metrics.total(INBOUND),
                 "outbound": self.metrics.total(OUTBOUND),
                 "retries": self.metrics.retries,
+                "mtls": self.metrics.mtls_counts(),
             },
             "pool": self.pool.stats(),
+            "identity": None if self.certs is None else self.certs.state(),
         }
 
     async def start(self) -> None:
         c = self.config
         loop = asyncio.get_running_loop()
+        if self.certs is not None:
+            # a certificate cached by an earlier run serves at once, also during an outage
+            await self.certs.load_cached()
+            self._certs_task = asyncio.create_task(self.certs.run(), name="certificates")
+        # only the mesh listener is mTLS; the extra inbound ones are plaintext ingress (no caller identity)
         listeners = [
-            (self.outbound, c.outbound_listen, c.outbound_port),
-            (self.inbound, c.listen, c.inbound_port),
-            *((self.inbound, host, port) for host, port in c.extra_inbound),
+            (self.outbound, c.outbound_listen, c.outbound_port, False),
+            (self.inbound, c.listen, c.inbound_port, self.identity is not None),
+            *((self.inbound, host, port, False) for host, port in c.extra_inbound),
         ]
-        for ctx, host, port in listeners:
-            server = await loop.create_server(functools.partial(DownstreamConnection, ctx), host, port,
+        for ctx, host, port, mtls in listeners:
+            server = await loop.create_server(functools.partial(DownstreamConnection, ctx, mtls=mtls), host, port,
                                               backlog=2048, reuse_address=True)
             self._servers.append(server)
-        admin = AdminApi(self.book, self.exporter, self.describe)
+        identity = self.identity
+        admin = AdminApi(self.book, self.exporter, self.describe,
+                         identity_problem=(lambda: None) if identity is None else identity.unusable_reason)
         self._servers.append(
             await loop.create_server(lambda: AdminConnection(admin), c.listen, c.admin_port, reuse_address=True)
         )
@@ -130,6 +161,9 @@ class Sidecar:
            let in-flight exchanges finish within ``drain_s``, then close what is left.
         """
         await self._stop_discovery()
+        if self._certs_task is not None:
+            self._certs_task.cancel()
+            await asyncio.gather(self._certs_task, return_exceptions=True)
         if drain_delay_s > 0:
             self.inbound.drain()
             log.info("event=sidecar_draining instance=%s delay_s=%g", self.config.instance, drain_delay_s)

@@ -9,8 +9,10 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from dnsfallback import DnsConfig
+from identity.spiffe import IdentityError, SpiffeId
 from sidecar.limits import DEFAULT_LIMITS, Limits, connections_for_open_files, open_file_limit
 
 ENV_SERVICE = "SIDEMESH_SERVICE"
@@ -23,10 +25,31 @@ ENV_CONTROLPLANE = "SIDEMESH_CONTROLPLANE"
 ENV_DNS_SERVER = "SIDEMESH_DNS_SERVER"
 ENV_DNS_TEMPLATE = "SIDEMESH_DNS_TEMPLATE"
 ENV_LOG_LEVEL = "SIDEMESH_LOG_LEVEL"
+ENV_INSECURE = "SIDEMESH_INSECURE"
+ENV_IDENTITY_DIR = "SIDEMESH_IDENTITY_DIR"
+ENV_JOIN_TOKEN = "SIDEMESH_JOIN_TOKEN"
+ENV_JOIN_TOKEN_FILE = "SIDEMESH_JOIN_TOKEN_FILE"
+ENV_TRUST_BUNDLE = "SIDEMESH_TRUST_BUNDLE"
+ENV_TRUST_DOMAIN = "SIDEMESH_TRUST_DOMAIN"
 
 DEFAULT_OUTBOUND_PORT = 15001
 DEFAULT_INBOUND_PORT = 15006
 DEFAULT_ADMIN_PORT = 15000
+DEFAULT_IDENTITY_PORT = 15012
+DEFAULT_IDENTITY_DIR = "/var/lib/sidemesh/identity"
+DEFAULT_TRUST_DOMAIN = "sidemesh.local"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySettings:
+    """Mutual TLS and the workload certificate (DESIGN.md, "Identity"); absent with --insecure."""
+
+    trust_domain: str
+    directory: Path  # key, certificate and trust bundle, cached across restarts
+    join_token_file: Path | None
+    join_token: str | None
+    trust_bundle: Path | None  # to check the control plane before the first certificate
+    bootstrap_target: str  # the control plane's join-token port, HOST:PORT
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +76,7 @@ class SidecarConfig:
     ping_timeout_s: float
     log_level: str
     limits: Limits = DEFAULT_LIMITS  # what a client may do on a listener (sidecar/limits.py)
+    identity: IdentitySettings | None = None  # None: plaintext everywhere (--insecure)
 
 
 def _hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
@@ -156,6 +180,28 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--drain-delay", type=_nonnegative, default=1.0,
                    help="on SIGTERM: seconds to keep serving inbound, answering 'Connection: close', after leaving "
                    "the control plane and before refusing new connections, so callers move elsewhere first (default 1)")
+    ident = p.add_argument_group(
+        "identity",
+        "Sidecar-to-sidecar hops are mutual TLS 1.3 with a certificate for spiffe://<trust-domain>/service/<name> "
+        "issued by the control plane from a CSR (the key never leaves this sidecar); callers check that a peer is the "
+        "service they routed to in every mode, and the inbound side enforces the pushed authorization policy. The "
+        "first certificate is had with the service's join token; renewals (at half-life) with the certificate.",
+    )
+    ident.add_argument("--insecure", action="store_true", default=env.get(ENV_INSECURE, "") not in ("", "0", "false"),
+                       help=f"plaintext everywhere, no identity and no authorization (for comparison; ${ENV_INSECURE}=1)")
+    ident.add_argument("--identity-dir", default=env.get(ENV_IDENTITY_DIR, DEFAULT_IDENTITY_DIR),
+                       help=f"where the key, the certificate and the trust bundle are kept across restarts "
+                       f"(default {DEFAULT_IDENTITY_DIR}; ${ENV_IDENTITY_DIR})")
+    ident.add_argument("--join-token-file", default=env.get(ENV_JOIN_TOKEN_FILE),
+                       help=f"file holding this service's join token (${ENV_JOIN_TOKEN_FILE}; or the token itself in "
+                       f"${ENV_JOIN_TOKEN})")
+    ident.add_argument("--trust-bundle", default=env.get(ENV_TRUST_BUNDLE),
+                       help=f"the mesh CA certificate (PEM), to check the control plane before the first certificate "
+                       f"arrives; later the cached bundle is used (${ENV_TRUST_BUNDLE})")
+    ident.add_argument("--trust-domain", default=env.get(ENV_TRUST_DOMAIN, DEFAULT_TRUST_DOMAIN),
+                       help=f"the SPIFFE trust domain (default {DEFAULT_TRUST_DOMAIN}; ${ENV_TRUST_DOMAIN})")
+    ident.add_argument("--identity-port", type=_port, default=DEFAULT_IDENTITY_PORT,
+                       help=f"the control plane's join-token port, on the --controlplane host (default {DEFAULT_IDENTITY_PORT})")
     lim = p.add_argument_group("limits", "what one client may do on a listener; see sidecar/limits.py")
     lim.add_argument("--max-url-bytes", type=_positive_int, default=DEFAULT_LIMITS.max_url_bytes,
                      help=f"longest request target; longer gets 414 (default {DEFAULT_LIMITS.max_url_bytes})")
@@ -206,6 +252,22 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> S
     except ValueError:
         parser.error(f"--address must be an IP address, got {address!r}")
     host = socket.gethostname()
+    identity = None
+    if not a.insecure:
+        try:
+            SpiffeId(a.trust_domain, a.service)
+        except IdentityError as exc:
+            parser.error(f"--trust-domain/--service do not make an identity: {exc}")
+        cp_host = _hostport(a.controlplane, default_port=15010)[0]
+        bootstrap = f"[{cp_host}]:{a.identity_port}" if ":" in cp_host else f"{cp_host}:{a.identity_port}"
+        identity = IdentitySettings(
+            trust_domain=a.trust_domain,
+            directory=Path(a.identity_dir),
+            join_token_file=Path(a.join_token_file) if a.join_token_file else None,
+            join_token=env.get(ENV_JOIN_TOKEN) or None,
+            trust_bundle=Path(a.trust_bundle) if a.trust_bundle else None,
+            bootstrap_target=bootstrap,
+        )
     return SidecarConfig(
         service=a.service,
         instance=a.instance or f"{a.service}-{host}",
@@ -245,6 +307,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> S
             max_pipelined=a.max_pipelined,
             linger_s=a.close_linger,
         ),
+        identity=identity,
     )
 
 

@@ -13,7 +13,17 @@ from types import MappingProxyType
 from meshpb.v1 import discovery_pb2 as pb
 
 from sidecar.errors import SnapshotRejected
-from sidecar.model import DEFAULT_POLICY, LB_POLICIES, LB_ROUND_ROBIN, Endpoint, Policy, RouteTable, ServiceEntry
+from sidecar.model import (
+    ALLOW_ALL,
+    DEFAULT_POLICY,
+    LB_POLICIES,
+    LB_ROUND_ROBIN,
+    Authorization,
+    Endpoint,
+    Policy,
+    RouteTable,
+    ServiceEntry,
+)
 
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _MAX_TIMEOUT_MS = 3_600_000
@@ -67,7 +77,13 @@ def _policy(version: str, svc: pb.Service) -> Policy:
     if p.retries > _MAX_RETRIES:
         raise SnapshotRejected(version, f"service {svc.name!r}: retries {p.retries} exceeds {_MAX_RETRIES}")
     timeout_s = p.timeout_ms / 1000 if p.timeout_ms else DEFAULT_POLICY.timeout_s
-    return Policy(timeout_s=timeout_s, retries=p.retries, lb=lb)
+    callers = frozenset(p.authorization.allowed_callers)
+    for caller in callers:
+        if not is_service_name(caller):
+            raise SnapshotRejected(version, f"service {svc.name!r}: allowed caller {caller!r} is not a service name")
+    authz = Authorization(enforced=p.authorization.enforced, allowed_callers=callers)
+    return Policy(timeout_s=timeout_s, retries=p.retries, lb=lb,
+                  authorization=authz if authz != ALLOW_ALL else ALLOW_ALL)
 
 
 def hello(
@@ -110,3 +126,12 @@ def ack(version: str, nonce: str) -> pb.DiscoveryRequest:
 
 def nack(version: str, nonce: str, reason: str) -> pb.DiscoveryRequest:
     return pb.DiscoveryRequest(ack=pb.Ack(version=version, nonce=nonce, accepted=False, error_detail=reason))
+
+
+def issue_request(csr_pem: bytes, node_id: str) -> pb.IssueRequest:
+    return pb.IssueRequest(csr_pem=csr_pem.decode("ascii"), node_id=node_id)
+
+
+def issued(reply: pb.IssueResponse) -> tuple[bytes, bytes]:
+    """(certificate PEM, trust bundle PEM) of an ``Identity.Issue`` answer."""
+    return reply.cert_pem.encode("ascii", "replace"), reply.bundle_pem.encode("ascii", "replace")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +36,9 @@ from sidecar.errors import ControlPlaneUnavailable, SnapshotRejected
 from sidecar.model import RouteTable
 
 log = logging.getLogger("sidemesh.sidecar.discovery")
+
+# the control plane's serving certificate always names this host (sidecars reach it under many names)
+CONTROLPLANE_SERVER_NAME = "controlplane"
 
 
 class Subscription(Protocol):
@@ -98,14 +101,16 @@ class DiscoveryClient:
         *,
         backoff: ExpBackoff,
         settings: StreamSettings = StreamSettings(),
-        channel_factory: Callable[..., grpc.aio.Channel] = grpc.aio.insecure_channel,
+        credentials: Callable[[], Awaitable[grpc.ChannelCredentials]] | None = None,
     ) -> None:
         self.target = target
         self.identity = identity
         self.sub = subscription
         self.backoff = backoff
         self.settings = settings
-        self._channel_factory = channel_factory
+        # None: plaintext (--insecure); else mutual TLS with the current workload certificate,
+        # fetched per attempt so a renewed certificate is used by the next connection
+        self._credentials = credentials
         self.connected = False
         self.last_error: str | None = None
         self.attempts = 0
@@ -135,7 +140,13 @@ class DiscoveryClient:
 
     async def _stream_once(self) -> None:
         self.attempts += 1
-        channel = self._channel_factory(self.target, options=self.settings.channel_options())
+        options = self.settings.channel_options()
+        if self._credentials is None:
+            channel = grpc.aio.insecure_channel(self.target, options=options)
+        else:
+            creds = await self._credentials()  # raises ControlPlaneUnavailable without a certificate
+            options.append(("grpc.ssl_target_name_override", CONTROLPLANE_SERVER_NAME))
+            channel = grpc.aio.secure_channel(self.target, creds, options=options)
         call = None
         reading: asyncio.Future[Any] | None = None
         try:

@@ -21,14 +21,43 @@ if TYPE_CHECKING:
     from sidecar.upstream import UpstreamPool
 
 
+# the two sides of the data path, as metric labels and log fields
+OUTBOUND = "outbound"
+INBOUND = "inbound"
+
+
 class SidecarMetrics:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.retries = 0
+        # mTLS (sidecar/mtls.py): per connection, not per request
+        self.tls_handshakes: dict[tuple[str, str], int] = {}  # (direction, outcome)
+        self.peer_failures: dict[tuple[str, str, str], int] = {}  # (direction, service, reason)
+        self.denials: dict[tuple[str, str], int] = {}  # (our service, caller)
 
     def count(self, direction: str, service: str, status: int) -> None:
         key = (direction, service, status)
         self.requests[key] = self.requests.get(key, 0) + 1
+
+    def handshake(self, direction: str, outcome: str) -> None:
+        key = (direction, outcome)
+        self.tls_handshakes[key] = self.tls_handshakes.get(key, 0) + 1
+
+    def peer_failure(self, direction: str, service: str, reason: str) -> None:
+        key = (direction, service, reason)
+        self.peer_failures[key] = self.peer_failures.get(key, 0) + 1
+
+    def denied(self, service: str, caller: str) -> None:
+        key = (service, caller)
+        self.denials[key] = self.denials.get(key, 0) + 1
+
+    def mtls_counts(self) -> dict[str, dict[str, int]]:
+        """For ``/state``: handshakes by direction and outcome, peer failures and denials by reason/caller."""
+        return {
+            "tls_handshakes": {f"{d}/{o}": n for (d, o), n in sorted(self.tls_handshakes.items())},
+            "peer_identity_failures": {f"{d}/{s}/{r}": n for (d, s, r), n in sorted(self.peer_failures.items())},
+            "authorization_denials": {f"{s}/{c}": n for (s, c), n in sorted(self.denials.items())},
+        }
 
     def total(self, direction: str) -> int:
         return sum(n for (d, _, _), n in self.requests.items() if d == direction)
@@ -93,6 +122,24 @@ class MetricsExporter:
         fails = CounterMetricFamily("sidemesh_upstream_connect_failures", "Upstream connects that failed")
         fails.add_metric([], self.pool.connect_failures)
         yield fails
+        hs = CounterMetricFamily("sidemesh_tls_handshakes", "mTLS handshakes between sidecars, by direction and outcome",
+                                 labels=["direction", "outcome"])
+        for (direction, outcome), n in sorted(self.m.tls_handshakes.items()):
+            hs.add_metric([direction, outcome], n)
+        yield hs
+        peer = CounterMetricFamily(
+            "sidemesh_peer_identity_failures",
+            "Peers that did not prove the expected identity (outbound: the service routed to), by reason",
+            labels=["direction", "service", "reason"],
+        )
+        for (direction, service, reason), n in sorted(self.m.peer_failures.items()):
+            peer.add_metric([direction, service, reason], n)
+        yield peer
+        denied = CounterMetricFamily("sidemesh_authorization_denials", "Inbound requests refused by authorization (403)",
+                                     labels=["service", "caller"])
+        for (service, caller), n in sorted(self.m.denials.items()):
+            denied.add_metric([service, caller], n)
+        yield denied
         info = GaugeMetricFamily("sidemesh_sidecar_info", "This sidecar", labels=["service", "instance", "route_version"])
         info.add_metric([self.service, self.instance, self.book.last_version()], 1.0)
         yield info

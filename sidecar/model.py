@@ -37,10 +37,30 @@ LB_POLICIES = (LB_ROUND_ROBIN, LB_LEAST_REQUEST)
 
 
 @dataclass(frozen=True, slots=True)
+class Authorization:
+    """Who may call a service, enforced by its sidecars' inbound listeners (DESIGN.md, "Identity")."""
+
+    enforced: bool = False
+    allowed_callers: frozenset[str] = frozenset()
+
+    def allows(self, caller: str) -> bool:
+        return not self.enforced or caller in self.allowed_callers
+
+    def describe(self) -> str:
+        if not self.enforced:
+            return "any mesh identity may call"
+        return f"allowed callers: {', '.join(sorted(self.allowed_callers)) or 'none'}"
+
+
+ALLOW_ALL = Authorization()
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     timeout_s: float = 5.0
     retries: int = 1
     lb: str = LB_ROUND_ROBIN
+    authorization: Authorization = ALLOW_ALL
 
 
 DEFAULT_POLICY = Policy()

@@ -31,6 +31,13 @@ Failure handling, in order of preference:
 ``ProxyContext.drain()`` prepares a listener for shutdown: every later answer says
 ``Connection: close`` and its connection closes after it, idle connections close at once,
 and exchanges in flight finish.
+
+Mutual TLS (``sidecar/mtls.py``, DESIGN.md "Identity") when the context has a workload
+identity: an outbound exchange fails closed (503) while our certificate is unusable, opens
+upstream connections with a handshake and a check of the peer's identity, and reuses pooled
+connections only for the service they were verified as; a connection of the mesh listener
+(``DownstreamConnection(ctx, mtls=True)``) is TLS from its first byte, and each of its
+requests is authorized against our service's policy before it is routed.
 """
 
 from __future__ import annotations
@@ -48,9 +55,11 @@ from sidecar.balancer import ResolvedRoute
 from sidecar.errors import (
     AppUnavailable,
     BadRequest,
+    Forbidden,
     HeadTimeout,
     HeadTooLarge,
     MalformedRequest,
+    PeerNotVerified,
     RequestRejected,
     SidecarError,
     UpgradeRefused,
@@ -61,18 +70,19 @@ from sidecar.errors import (
 )
 from sidecar.http1 import Framing
 from sidecar.limits import DEFAULT_LIMITS, Limits
+from sidecar.metrics import INBOUND, OUTBOUND, SidecarMetrics
 from sidecar.model import Endpoint
+from sidecar.mtls import Authorizations, InboundTls, OutboundTls, replay
 from sidecar.retry import Failure, should_retry
 from sidecar.upstream import UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
-    from sidecar.metrics import SidecarMetrics
     from sidecar.routing import RouteBook
+    from sidecar.workload import WorkloadIdentity
+
+__all__ = ["INBOUND", "OUTBOUND", "DownstreamConnection", "Exchange", "ProxyContext"]
 
 log = logging.getLogger("sidemesh.sidecar.proxy")
-
-OUTBOUND = "outbound"
-INBOUND = "inbound"
 _REPLAY_LIMIT = 64 * 1024  # request bodies up to this size are kept for a retry
 _BUFFER_LIMIT = 1024 * 1024  # buffered request body before we stop reading the client
 _ROUTE_DROP = frozenset({http1.ROUTE_HEADER})
@@ -109,7 +119,13 @@ class ProxyContext:
         book: RouteBook | None = None,
         app_route: ResolvedRoute | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        identity: WorkloadIdentity | None = None,
+        authorizations: Authorizations | None = None,
     ) -> None:
+        """``identity``: mutual TLS between sidecars; None (``--insecure``) keeps every hop plaintext.
+
+        ``authorizations`` (inbound with an identity): where our service's policy is read per request.
+        """
         if direction == OUTBOUND and book is None:
             raise ValueError("the outbound listener needs a route book")
         if direction == INBOUND and app_route is None:
@@ -120,6 +136,18 @@ class ProxyContext:
         self.book = book
         self.app_route = app_route
         self.limits = limits
+        self.identity = identity
+        # mTLS: the caller side for hops to other sidecars (the hop to our own app stays plaintext),
+        # the callee side for the mesh listener
+        self.outbound_tls: OutboundTls | None = None
+        self.inbound_tls: InboundTls | None = None
+        if identity is not None and direction == OUTBOUND:
+            self.outbound_tls = OutboundTls(identity, metrics)
+        elif identity is not None:
+            if authorizations is None:
+                raise ValueError("an inbound listener with an identity needs the authorizations to enforce")
+            self.inbound_tls = InboundTls(identity, authorizations, metrics, handshake_timeout_s=limits.head_timeout_s,
+                                          shutdown_timeout_s=limits.linger_s)
         self.draining = False
         self.connections: dict[DownstreamConnection, None] = {}
         # those that may be closed to make room (see ``admit``), oldest first: O(1) under a flood
@@ -171,10 +199,21 @@ class ProxyContext:
 
 
 class DownstreamConnection(asyncio.Protocol):
-    """A client connection: parses requests, runs their exchanges one after another."""
+    """A client connection: parses requests, runs their exchanges one after another.
 
-    def __init__(self, ctx: ProxyContext) -> None:
+    ``mtls``: a connection of the mesh listener, TLS from its first byte: the handshake runs
+    within the first head deadline, and the verified caller's service (``caller``) is kept
+    for the authorization of each request.
+    """
+
+    def __init__(self, ctx: ProxyContext, *, mtls: bool = False) -> None:
+        if mtls and ctx.inbound_tls is None:
+            raise ValueError("an mTLS connection needs an inbound context with an identity")
         self.ctx = ctx
+        self.mtls = mtls
+        self.caller: str | None = None  # the service the client proved it is (mTLS), once the handshake is done
+        self._tls_raw: list[bytes] | None = None  # the client's first TLS bytes, read before TLS took over
+        self._tls_early: list[bytes] | None = None  # bytes decrypted before the handshake task resumed
         self.limits = ctx.limits
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -214,9 +253,48 @@ class DownstreamConnection(asyncio.Protocol):
             return
         self._deadline = now + self.limits.head_timeout_s
         self._timer = loop.call_at(self._deadline, self._tick)
+        if self.mtls:
+            # no request is read until the handshake is done; its bytes belong to TLS
+            self.stopped = True
+            self._tls_raw = []
+            self._tls_early = []
+            self.ctx.spawn(self._accept_tls(transport))  # type: ignore[arg-type]
+
+    async def _accept_tls(self, raw: asyncio.Transport) -> None:
+        # the loop may read the ClientHello before start_tls puts TLS in our place (uvloop starts
+        # reading right after connection_made): handed over once TLS holds the transport, before it reads
+        asyncio.get_running_loop().call_soon(self._tls_took_over, raw)
+        try:
+            tls, caller = await self.ctx.inbound_tls.accept(raw, self)  # type: ignore[union-attr]
+        except ConnectionError:
+            self.connection_lost(None)  # counted and logged by InboundTls; the app saw nothing
+            return
+        except asyncio.CancelledError:
+            self.connection_lost(None)
+            raise
+        early, self._tls_early = self._tls_early, None
+        if self.closing:  # evicted or past the head deadline as the handshake finished
+            tls.abort()
+            self.connection_lost(None)
+            return
+        self.transport = tls
+        self.caller = caller
+        self.stopped = False
+        for data in early or ():
+            self.data_received(data)
+
+    def _tls_took_over(self, raw: asyncio.Transport) -> None:
+        chunks, self._tls_raw = self._tls_raw, None
+        if chunks and not self.closing:
+            replay(raw.get_protocol(), chunks)
 
     def data_received(self, data: bytes) -> None:
         if self.stopped:
+            if self._tls_raw is not None:  # TLS has not taken the transport over yet
+                self._tls_raw.append(data)
+                self.transport.pause_reading()  # type: ignore[union-attr]  # start_tls resumes it
+            elif self._tls_early is not None:
+                self._tls_early.append(data)  # the handshake completed; its task has not resumed yet
             return  # closing, lingering, or a refusal is owed: the client's input is dropped
         if self._in_head:
             self._head_raw += len(data)
@@ -245,7 +323,7 @@ class DownstreamConnection(asyncio.Protocol):
             ex.flush()
 
     def eof_received(self) -> bool:
-        if self._lingering:
+        if self._lingering or self._tls_early is not None:  # (gone before the TLS handshake finished)
             return False
         if self._in_head:  # a partial head: that request can never complete
             self._in_head = False
@@ -263,7 +341,8 @@ class DownstreamConnection(asyncio.Protocol):
         if self.active is None:
             return False
         self.half_closed = True
-        return True
+        # asyncio's TLS cannot stay half-open: it closes, and the exchange in flight with it
+        return not self.mtls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = self.stopped = True
@@ -604,10 +683,22 @@ class Exchange:
         except SidecarError as exc:
             self.fail(exc)
             return
-        if self.ctx.direction == INBOUND:
-            route = self.ctx.app_route
+        ctx = self.ctx
+        if ctx.direction == INBOUND:
+            caller = self.down.caller
+            if caller is not None:
+                refusal = ctx.inbound_tls.denial(caller)  # type: ignore[union-attr]
+                if refusal is not None:
+                    self.fail(refusal)  # the app never sees the request
+                    return
+            route = ctx.app_route
         else:
-            route = self.ctx.book.route(self.service)  # type: ignore[union-attr]
+            if ctx.outbound_tls is not None:
+                refusal = ctx.outbound_tls.refusal(self.service)
+                if refusal is not None:
+                    self.fail(refusal)  # fail closed: never plaintext instead
+                    return
+            route = ctx.book.route(self.service)  # type: ignore[union-attr]
         if route is None:
             self.ctx.spawn(self._route_slow())
             return
@@ -675,21 +766,28 @@ class Exchange:
         endpoint = route.pick(self.tried)
         self.endpoint = endpoint
         self.attempts += 1
-        conn = self.ctx.pool.take_idle(endpoint.key)
+        # mTLS: only a connection whose peer proved it is this route's service
+        conn = self.ctx.pool.take_idle(endpoint.key, route.service if self.ctx.outbound_tls is not None else None)
         if conn is not None:
             self._attach(conn, reused=True)
         else:
-            self.ctx.spawn(self._connect(endpoint))
+            self.ctx.spawn(self._connect(endpoint, route.service))
 
-    async def _connect(self, endpoint: Endpoint) -> None:
+    async def _connect(self, endpoint: Endpoint, service: str) -> None:
+        tls = self.ctx.outbound_tls
         try:
-            conn = await self.ctx.pool.connect(endpoint.key)
+            if tls is None:
+                conn = await self.ctx.pool.connect(endpoint.key)
+            else:
+                conn = await tls.connect(self.ctx.pool, endpoint, service)
         except UpstreamConnectError as exc:
             if self.finished:
                 return
             self.ctx.book.health.eject(endpoint.key) if self.ctx.book is not None else None
-            log.info("event=upstream_connect_failed service=%s endpoint=%s:%d reason=%r",
-                     self.service or "app", endpoint.address, endpoint.port, exc.message)
+            if not isinstance(exc, PeerNotVerified):  # that one is logged where it is found out
+                log.info("event=upstream_connect_failed service=%s endpoint=%s:%d reason=%r",
+                         self.service or "app", endpoint.address, endpoint.port, exc.message)
+            # a failed handshake or another identity: nothing was sent, like a refused connect
             self._retry_or_fail(exc, Failure.CONNECT)
             self.flush()
             return
@@ -931,7 +1029,7 @@ class Exchange:
         if isinstance(err, RequestRejected):
             log.info("event=request_rejected direction=%s status=%d reason=%s detail=%r",
                      self.ctx.direction, err.status, err.reason, err.message)
-        else:
+        elif not isinstance(err, Forbidden):  # logged as event=authorization_denied
             log.info("event=request_failed direction=%s service=%s status=%d reason=%r",
                      self.ctx.direction, self.service or "app", err.status, err.message)
         self.response_started = True

@@ -34,7 +34,7 @@ MAX_ATTEMPTS = 3
 
 
 class Failure(enum.Enum):
-    CONNECT = "connect"  # refused, unreachable, connect timeout
+    CONNECT = "connect"  # refused, unreachable, connect timeout; mTLS: no handshake, or not the service routed to
     APP_UNAVAILABLE = "app_unavailable"  # the far sidecar's app refused the connection (503 + header)
     DEAD_POOLED = "dead_pooled"  # a reused connection closed before any response byte
     RESET = "reset"  # the connection died before a whole response head, anything else

@@ -27,7 +27,7 @@ from dnsfallback import CachedLookup, DnsLookupError
 from sidecar.balancer import EndpointHealth, ResolvedRoute
 from sidecar.errors import NoEndpoints, NoRoute, SnapshotRejected
 from sidecar.failover import Event, FailoverState, Mode, Transition
-from sidecar.model import RouteTable
+from sidecar.model import Authorization, RouteTable
 from sidecar.routeplan import Guard, build_routes, dns_gone, guards_to_release, hello_knowledge, plan_update, routable_now
 
 log = logging.getLogger("sidemesh.sidecar.routing")
@@ -98,6 +98,8 @@ class RouteBook:
         self._settled = asyncio.Event()
         self._sweeper: asyncio.TimerHandle | None = None
         self.routes: dict[str, ResolvedRoute] = {}
+        # the last authorization policy pushed for each service, kept like last-known-good
+        self._authorization: dict[str, Authorization] = {}
         resolver.on_change(self._on_dns_change)
 
     # ----- Subscription (fed by the discovery client) -----
@@ -123,6 +125,8 @@ class RouteBook:
         self.table = table
         self.applied_at = now
         self.guards = plan.guards
+        for name, entry in table.services.items():
+            self._authorization[name] = entry.policy.authorization
         for name in plan.newly_guarded:
             self.counters.guarded += 1
             log.warning("event=update_guarded service=%s version=%s origin=%s reason=%r",
@@ -163,6 +167,14 @@ class RouteBook:
         if self.failover.settled:
             self._settled.set()
         self._recompute()
+
+    def authorization_of(self, service: str) -> Authorization | None:
+        """The latest authorization pushed for ``service`` (kept across outages); None if never."""
+        return self._authorization.get(service)
+
+    def remember_authorization(self, service: str, authorization: Authorization) -> None:
+        """Seed the policy from an earlier run (cached on disk) until a snapshot says otherwise."""
+        self._authorization.setdefault(service, authorization)
 
     # ----- DNS -----
 

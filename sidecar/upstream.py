@@ -5,17 +5,25 @@ every event to the exchange currently attached to it. ``UpstreamPool`` keeps idl
 keep-alive connections per endpoint (LIFO, so the warm ones are reused), closes ones idle
 too long, and opens new ones with a connect timeout, converting OSError into
 ``UpstreamConnectError`` at this boundary.
+
+With mutual TLS (``sidecar/mtls.py``) a new connection is made in two steps, each within
+the connect timeout: TCP, then the TLS handshake (``loop.start_tls``), so that a refused
+connection (``UpstreamConnectError``) and a peer that cannot prove an identity
+(``HandshakeFailed``) stay apart. A connection remembers the service whose identity it
+verified (``peer``) and is taken from the pool only for that service, so the handshake and
+the identity check happen once per connection, not per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from sidecar.errors import UpstreamConnectError
+from sidecar.errors import HandshakeFailed, UpstreamConnectError
 
 if TYPE_CHECKING:
     from sidecar.proxy import Exchange
@@ -26,7 +34,7 @@ Key = tuple[str, int]
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "exchange", "closed", "idle_since",
-        "_status_reason", "_headers", "_head_only", "reading_paused", "responded",
+        "_status_reason", "_headers", "_head_only", "reading_paused", "responded", "peer",
     )
 
     def __init__(self, pool: UpstreamPool, key: Key) -> None:
@@ -43,6 +51,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.reading_paused = False
         # a byte of a response arrived since the exchange attached (else a death is the keep-alive race)
         self.responded = False
+        # mTLS: the service whose identity the peer proved on this connection; None in plaintext
+        self.peer: str | None = None
 
     # ----- asyncio.Protocol -----
 
@@ -140,6 +150,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Close at once (no TLS close_notify exchange): for a peer we will not talk to."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
             self.reading_paused = True
@@ -171,19 +187,29 @@ class UpstreamPool:
         self.connect_failures = 0
         self._sweeper: asyncio.Task[None] | None = None
 
-    def take_idle(self, key: Key) -> UpstreamConnection | None:
+    def take_idle(self, key: Key, peer: str | None = None) -> UpstreamConnection | None:
+        """An idle connection to ``key`` whose peer proved ``peer`` (None: plaintext ones)."""
         conns = self.idle.get(key)
-        while conns:
-            conn = conns.pop()
-            if conn.usable:
-                return conn
+        if not conns:
+            return None
+        i = len(conns) - 1
+        while i >= 0:
+            conn = conns[i]
+            # the top one in all but odd cases; one verified as another service (an address
+            # listed under two names) stays for that service
+            if conn.peer == peer:
+                del conns[i]
+                if conn.usable:
+                    return conn
+            i -= 1
         return None
 
-    async def connect(self, key: Key) -> UpstreamConnection:
+    async def connect(self, key: Key, *, tls: ssl.SSLContext | None = None) -> UpstreamConnection:
+        """A new connection to ``key``; with ``tls``, after a TLS handshake (its peer not yet checked)."""
         loop = self._loop or asyncio.get_running_loop()
         self.connects += 1
         try:
-            _, conn = await asyncio.wait_for(
+            transport, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: UpstreamConnection(self, key), key[0], key[1]),
                 self.connect_timeout_s,
             )
@@ -191,6 +217,21 @@ class UpstreamPool:
             self.connect_failures += 1
             what = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
             raise UpstreamConnectError(f"cannot connect to {key[0]}:{key[1]}: {what}") from exc
+        if tls is None:
+            return conn
+        cause: BaseException | None = None
+        try:
+            secured = await loop.start_tls(transport, conn, tls, ssl_handshake_timeout=self.connect_timeout_s,
+                                           ssl_shutdown_timeout=self.connect_timeout_s)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            secured, cause = None, exc
+        if secured is None or secured.is_closing():
+            # (a peer that closes cleanly mid-handshake ends it without an exception)
+            transport.close()
+            self.connect_failures += 1
+            reason = handshake_failure(cause, self.connect_timeout_s)
+            raise HandshakeFailed(f"TLS handshake with {key[0]}:{key[1]} failed: {reason}", reason=reason) from cause
+        conn.transport = secured
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -245,3 +286,29 @@ class UpstreamPool:
             for conn in conns:
                 conn.close()
         self.idle.clear()
+
+
+def handshake_failure(exc: BaseException | None, timeout_s: float) -> str:
+    """What a failed handshake says about the peer, for a log line and a 503 (None: it closed cleanly)."""
+    if exc is None:
+        return "no TLS: the connection closed during the handshake"
+    if isinstance(exc, TimeoutError):
+        return f"no TLS handshake within {timeout_s:g}s"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # e.g. "unable to get local issuer certificate": signed by another CA (RFC 5280 6.1)
+        return f"a certificate the mesh CA does not vouch for ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None)  # OpenSSL's name for it (absent on hand-made errors)
+        if reason in _NOT_TLS:
+            return f"no TLS: the peer does not speak TLS ({reason})"
+        return f"no acceptable TLS ({reason or exc})"
+    if isinstance(exc, OSError):
+        # reset or closed mid-handshake: a plaintext server giving up on a ClientHello, or a
+        # TLS server refusing our certificate
+        return f"no TLS: the connection closed during the handshake ({exc.strerror or repr(exc)})"
+    return f"no TLS ({exc!r})"
+
+
+# OpenSSL's reasons for bytes that are not a TLS record at all
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST",
+                      "UNEXPECTED_EOF_WHILE_READING"})

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sidecar": ("sidecar.app", "run one sidecar proxy (outbound :15001, inbound :15006, admin :15000)"),
     "service": ("services.app", "run a demo service: artist, song or image (:8080)"),
     "dns": ("sidemesh.dnsserver", "run the local authoritative DNS server for the mesh zone"),
+    "identity": ("sidemesh.identitycli", "`sidemesh identity init`: the mesh CA and a join token per service"),
 }
 
 

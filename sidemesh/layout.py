@@ -32,10 +32,15 @@ OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
 ADMIN_PORT = 15000
 GRPC_PORT = 15010
+IDENTITY_PORT = 15012
 CP_HTTP_PORT = 15014
 DNS_PORT = 15053
 DNS_API_PORT = 15054
 CONTROL_PORT = 15100
+
+# who may call whom in the demo: exactly the calls it makes (song aggregates artist and image)
+DEMO_ALLOW: tuple[str, ...] = ("song->artist", "song->image")
+DEFAULT_CERT_TTL = "24h"
 
 DEFAULT_SUBNET = "127.10"
 DEFAULT_PUBLISH = "127.0.0.1:8080"
@@ -144,6 +149,29 @@ class UnitSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class IdentityPaths:
+    """Where a local mesh keeps its identity material, below one state directory."""
+
+    root: str
+
+    @property
+    def ca_dir(self) -> str:
+        return f"{self.root}/ca"
+
+    @property
+    def bundle(self) -> str:
+        return f"{self.root}/ca/ca.pem"
+
+    @property
+    def tokens_dir(self) -> str:
+        return f"{self.root}/tokens"
+
+    @property
+    def pods_dir(self) -> str:
+        return f"{self.root}/pods"
+
+
+@dataclass(frozen=True, slots=True)
 class MeshLayout:
     """The addresses and arguments of one local mesh, derived from its subnet."""
 
@@ -152,6 +180,11 @@ class MeshLayout:
     zone: str = DEFAULT_ZONE
     dns_ttl: float = DEFAULT_DNS_TTL
     log_level: str = "info"
+    # mutual TLS and workload identity (DESIGN.md, "Identity"); state_dir holds the CA, the
+    # join tokens and each pod's identity cache (``identity_paths``)
+    insecure: bool = False
+    state_dir: str = ""
+    cert_ttl: str = DEFAULT_CERT_TTL
 
     def __post_init__(self) -> None:
         parse_subnet(self.subnet)
@@ -196,9 +229,16 @@ class MeshLayout:
 
     def controlplane(self) -> UnitSpec:
         addr = self.controlplane_address
-        args = ("controlplane", "--listen", addr, "--grpc-port", str(GRPC_PORT),
-                "--http-port", str(CP_HTTP_PORT), "--log-level", self.log_level)
-        return UnitSpec(CONTROLPLANE, "controlplane", addr, {"grpc": GRPC_PORT, "http": CP_HTTP_PORT},
+        args: tuple[str, ...] = ("controlplane", "--listen", addr, "--grpc-port", str(GRPC_PORT),
+                                 "--http-port", str(CP_HTTP_PORT), "--log-level", self.log_level)
+        if self.insecure:
+            args += ("--insecure",)
+        else:
+            paths = self.identity_paths()
+            args += ("--ca-dir", paths.ca_dir, "--join-tokens", paths.tokens_dir, "--cert-ttl", self.cert_ttl,
+                     "--identity-port", str(IDENTITY_PORT), "--allow", ",".join(DEMO_ALLOW))
+        ports = {"grpc": GRPC_PORT, "http": CP_HTTP_PORT} | ({} if self.insecure else {"identity": IDENTITY_PORT})
+        return UnitSpec(CONTROLPLANE, "controlplane", addr, ports,
                         (ProcessSpec("main", args),))
 
     def dns(self) -> UnitSpec:
@@ -219,6 +259,12 @@ class MeshLayout:
                    "--controlplane", f"{self.controlplane_address}:{GRPC_PORT}",
                    "--dns-server", f"{self.dns_address}:{DNS_PORT}",
                    "--dns-template", "{service}." + self.zone]
+        if self.insecure:
+            sidecar.append("--insecure")
+        else:
+            paths = self.identity_paths()
+            sidecar += ["--identity-dir", f"{paths.pods_dir}/{name}", "--join-token-file", f"{paths.tokens_dir}/{service}",
+                        "--trust-bundle", paths.bundle, "--identity-port", str(IDENTITY_PORT)]
         ports = {"app": APP_PORT, "outbound": OUTBOUND_PORT, "inbound": INBOUND_PORT, "admin": ADMIN_PORT}
         if service == PUBLISHED_SERVICE and replica == 1:
             # only song-1 can hold the published port: two processes cannot bind it
@@ -227,6 +273,11 @@ class MeshLayout:
         return UnitSpec(name, "pod", addr, ports,
                         (ProcessSpec("app", app), ProcessSpec("sidecar", tuple(sidecar))),
                         service=service, replica=replica)
+
+    def identity_paths(self) -> IdentityPaths:
+        if not self.state_dir:
+            raise LayoutError("a secure mesh needs a state directory for its CA and join tokens")
+        return IdentityPaths(self.state_dir)
 
     def initial_units(self, replicas: Mapping[str, int]) -> list[UnitSpec]:
         """DNS, control plane, then every pod of ``replicas`` (service -> count)."""

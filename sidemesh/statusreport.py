@@ -119,6 +119,9 @@ def build_report(
             "endpoints": {s: len((e or {}).get("endpoints") or []) for s, e in sorted(services.items())},
             "guards": {s: e.get("guard") for s, e in sorted(services.items()) if (e or {}).get("guard")},
             "rejected": len(st.get("rejected") or []),
+            "identity": (st.get("identity") or {}).get("spiffe_id"),
+            "cert_not_after": (st.get("identity") or {}).get("cert_not_after"),
+            "identity_problem": (st.get("identity") or {}).get("problem"),
         })
     sidecars.sort(key=lambda s: (s["service"] or "", _natural(s["instance"] or ""), s["address"] or ""))
     return {
@@ -159,12 +162,13 @@ def render_table(report: Mapping[str, Any], *, now: float) -> str:
         head = f"control plane {cp['address']}: reachable, version {cp['version']}{extra}"
     else:
         head = f"control plane {cp['address'] or '?'}: UNREACHABLE ({cp.get('error') or 'no answer'})"
-    rows = [("SERVICE", "INSTANCE", "ADDRESS", "MODE", "ROUTE VERSION", "MODE SINCE", "LAST UPDATE", "ACKED")]
+    rows = [("SERVICE", "INSTANCE", "ADDRESS", "MODE", "ROUTE VERSION", "MODE SINCE", "LAST UPDATE", "ACKED",
+             "IDENTITY", "CERT EXPIRES")]
     for s in report["sidecars"]:
         if not s["reachable"]:
             why = s.get("state") if s.get("state") not in (None, "running") else "unreachable"
             rows.append((s["service"] or "?", s["instance"] or "?", s["address"] or s["admin"], why.upper(),
-                         "-", "-", "-", "-"))
+                         "-", "-", "-", "-", "-", "-"))
             continue
         since = None if s["mode_since"] is None else now - float(s["mode_since"])
         acked = "-" if s["acked"] is None else f"{s['acked']} ({s['synced']})"
@@ -172,10 +176,26 @@ def render_table(report: Mapping[str, Any], *, now: float) -> str:
         if s.get("guards"):
             mode += " guarded:" + ",".join(s["guards"])
         rows.append((s["service"] or "?", s["instance"] or "?", s["address"] or "?", mode,
-                     str(s["route_version"] or "-"), humanise_age(since), humanise_age(s["last_update_age_s"]), acked))
+                     str(s["route_version"] or "-"), humanise_age(since), humanise_age(s["last_update_age_s"]), acked,
+                     *identity_columns(s, now)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join([head, "", *lines])
+
+
+def identity_columns(sidecar: Mapping[str, Any], now: float) -> tuple[str, str]:
+    """(identity, certificate expiry) for the table: 'insecure' without one, the problem when unusable."""
+    identity = sidecar.get("identity")
+    if not identity:
+        return "insecure", "-"
+    short = str(identity).split("/service/", 1)[-1]
+    not_after = sidecar.get("cert_not_after")
+    if sidecar.get("identity_problem"):
+        return short, "NONE: " + str(sidecar["identity_problem"])[:60]
+    if not_after is None:
+        return short, "-"
+    left = float(not_after) - now
+    return short, (f"in {humanise_age(left)[:-4]}" if left > 0 else "EXPIRED")
 
 
 def describe_faults(faults: Mapping[str, Any] | None) -> str:

@@ -31,6 +31,8 @@ from typing import Any
 
 import aiohttp
 
+
+from sidemesh.localissuer import LocalIssuer
 from sidemesh.layout import (
     ADMIN_PORT,
     APP_PORT,
@@ -146,6 +148,7 @@ class Supervisor:
         self._closing = False
         self._pushed: tuple[int | None, str] | None = None
         self._pushed_records: dict[str, list[str]] = {}
+        self._issuer = None if layout.insecure else LocalIssuer(layout, clock=clock)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -179,6 +182,8 @@ class Supervisor:
             for kinds in (("pod",), ("controlplane", "dns")):
                 await asyncio.gather(*(self._signal_unit(u, signal.SIGTERM, "stopped")
                                        for u in self.units.values() if u.spec.kind in kinds))
+        if self._issuer is not None:
+            await self._issuer.close()
         if self._records_task is not None:
             self._records_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -287,6 +292,8 @@ class Supervisor:
             unit.procs[pspec.role] = running
         unit.state = "running"
         unit.started_at = self._clock()
+        if unit.spec.kind == "pod" and unit.spec.service and self._issuer is not None:
+            self._issuer.watch(unit.spec.name, unit.spec.service, lambda: unit.state == "running")
         pids = " ".join(f"{r}={p.pid}" for r, p in unit.procs.items())
         log.info("event=started name=%s address=%s %s", unit.spec.name, unit.spec.address, pids)
 

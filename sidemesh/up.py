@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -27,15 +28,20 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
+from identity.spiffe import DEFAULT_TRUST_DOMAIN, IdentityError
+from identity.store import ensure_tokens, load_or_create_ca
 from sidemesh.console import LogTailer, mesh_table
 from sidemesh.controlapi import make_app
 from sidemesh.layout import (
+    DEFAULT_CERT_TTL,
     DEFAULT_DNS_TTL,
     DEFAULT_PUBLISH,
     DEFAULT_SUBNET,
     DEFAULT_ZONE,
+    IDENTITY_PORT,
     HostPort,
     LayoutError,
+    SERVICES,
     MeshLayout,
     parse_hostport,
     parse_replicas,
@@ -87,12 +93,18 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
                    "default %(default)s")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="log level of the control plane and of `up` itself; default %(default)s")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext everywhere: no certificates, no mutual TLS, no authorization (for comparison; "
+                   "default: mutual TLS between sidecars, certificates from the control plane's CA)")
+    p.add_argument("--cert-ttl", default=DEFAULT_CERT_TTL,
+                   help="lifetime of workload certificates, e.g. 20s, 90m, 24h (renewed at half-life); default %(default)s")
     p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S,
                    help="seconds to wait for every component to answer before warning; default %(default)s")
     args = p.parse_args(argv)
     try:
         layout = MeshLayout(subnet=args.subnet, publish=parse_hostport(args.publish), zone=args.zone,
-                            dns_ttl=args.dns_ttl, log_level=args.log_level)
+                            dns_ttl=args.dns_ttl, log_level=args.log_level, insecure=args.insecure,
+                            cert_ttl=args.cert_ttl)
         replicas = parse_replicas(args.replicas, max_replicas=layout.max_replicas)
         control = parse_hostport(args.control) if args.control else layout.default_control
     except LayoutError as exc:
@@ -123,7 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s level=%(levelname)s component=up %(message)s")
-    socks = [("tcp", config.control.host, config.control.port), *config.layout.listen_sockets(config.replicas)]
+    ports = dataclasses.replace(config.layout, insecure=True)  # the same sockets, no identity paths needed yet
+    socks = [("tcp", config.control.host, config.control.port), *ports.listen_sockets(config.replicas)]
+    if not config.layout.insecure:
+        socks.append(("tcp", config.layout.controlplane_address, IDENTITY_PORT))
     problems = busy_sockets(socks)
     if problems:
         print("sidemesh up: cannot start, addresses busy:\n  " + "\n  ".join(problems)
@@ -132,7 +147,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="sidemesh-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    if not config.layout.insecure:
+        try:
+            config = prepare_identity(config, log_dir / "identity")
+        except (OSError, IdentityError) as exc:
+            print(f"sidemesh up: cannot prepare the mesh's identity in {log_dir / 'identity'}: {exc}", file=sys.stderr)
+            return 1
     return uvloop.run(run(config, log_dir, started=t0))
+
+
+def prepare_identity(config: UpConfig, state_dir: Path) -> UpConfig:
+    """The mesh's CA and one join token per service, made before anything starts (the sidecars
+    check the control plane against the CA from their first contact). Blocking: runs before the loop."""
+    layout = dataclasses.replace(config.layout, state_dir=str(state_dir))
+    paths = layout.identity_paths()
+    load_or_create_ca(Path(paths.ca_dir), DEFAULT_TRUST_DOMAIN, time.time())
+    ensure_tokens(Path(paths.tokens_dir), list(SERVICES))
+    return dataclasses.replace(config, layout=layout)
 
 
 async def run(config: UpConfig, log_dir: Path, *, started: float) -> int:

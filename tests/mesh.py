@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -89,6 +90,22 @@ class Mesh:
             and all(s["mode"] == "controlplane" and s["route_version"] == version and s.get("acked") == version
                     for s in st["sidecars"])
         )
+
+    def get(self, path: str, timeout: float = 10.0) -> tuple[int, bytes, dict[str, str]]:
+        """GET through the published front door: (status, body, headers), errors included."""
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=timeout) as resp:
+                return resp.status, resp.read(), dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), dict(exc.headers)
+
+    def put_records(self, records: dict[str, list[str]]) -> None:
+        """Replace the local DNS server's records (as `sidemesh up` does when pods come and go)."""
+        api = get_json(f"http://{self.control}/mesh")["dns"]["api"]
+        req = urllib.request.Request(f"http://{api}/records", data=json.dumps(records).encode(), method="PUT",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 200
 
     def dump_logs(self) -> None:
         print(self.proc.log()[-5000:])

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshpb/v1/discovery.proto\x12\x0bsidemesh.v1\"\x83\x01\n\x10\x44iscoveryRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.sidemesh.v1.HelloH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.sidemesh.v1.AckH\x00\x12!\n\x04ping\x18\x03 \x01(\x0b\x32\x11.sidemesh.v1.PingH\x00\x42\x06\n\x04kind\"\x13\n\x04Ping\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\x8b\x02\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.sidemesh.v1.Hello.LabelsEntry\x12\x14\n\x0clast_version\x18\x06 \x01(\t\x12\x17\n\x0fknown_instances\x18\x07 \x03(\t\x12\x33\n\x0fknown_endpoints\x18\x08 \x03(\x0b\x32\x1a.sidemesh.v1.KnownEndpoint\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\rKnownEndpoint\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\"M\n\x03\x41\x63k\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x14\n\x0c\x65rror_detail\x18\x04 \x01(\t\"`\n\x08Snapshot\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12&\n\x08services\x18\x03 \x03(\x0b\x32\x14.sidemesh.v1.Service\x12\x0c\n\x04pong\x18\x04 \x01(\x04\"f\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\tendpoints\x18\x02 \x03(\x0b\x32\x15.sidemesh.v1.Endpoint\x12#\n\x06policy\x18\x03 \x01(\x0b\x32\x13.sidemesh.v1.Policy\"\x9d\x01\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x10\n\x08instance\x18\x03 \x01(\t\x12\x31\n\x06labels\x18\x04 \x03(\x0b\x32!.sidemesh.v1.Endpoint.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x06Policy\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\x12\x0f\n\x07retries\x18\x02 \x01(\r\x12\n\n\x02lb\x18\x03 \x01(\t2O\n\tDiscovery\x12\x42\n\x06Stream\x12\x1d.sidemesh.v1.DiscoveryRequest\x1a\x15.sidemesh.v1.Snapshot(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19meshpb/v1/discovery.proto\x12\x0bsidemesh.v1\"0\n\x0cIssueRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"5\n\rIssueResponse\x12\x10\n\x08\x63\x65rt_pem\x18\x01 \x01(\t\x12\x12\n\nbundle_pem\x18\x02 \x01(\t\"\x83\x01\n\x10\x44iscoveryRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.sidemesh.v1.HelloH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.sidemesh.v1.AckH\x00\x12!\n\x04ping\x18\x03 \x01(\x0b\x32\x11.sidemesh.v1.PingH\x00\x42\x06\n\x04kind\"\x13\n\x04Ping\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\x8b\x02\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.sidemesh.v1.Hello.LabelsEntry\x12\x14\n\x0clast_version\x18\x06 \x01(\t\x12\x17\n\x0fknown_instances\x18\x07 \x03(\t\x12\x33\n\x0fknown_endpoints\x18\x08 \x03(\x0b\x32\x1a.sidemesh.v1.KnownEndpoint\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\rKnownEndpoint\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\"M\n\x03\x41\x63k\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x14\n\x0c\x65rror_detail\x18\x04 \x01(\t\"`\n\x08Snapshot\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12&\n\x08services\x18\x03 \x03(\x0b\x32\x14.sidemesh.v1.Service\x12\x0c\n\x04pong\x18\x04 \x01(\x04\"f\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\tendpoints\x18\x02 \x03(\x0b\x32\x15.sidemesh.v1.Endpoint\x12#\n\x06policy\x18\x03 \x01(\x0b\x32\x13.sidemesh.v1.Policy\"\x9d\x01\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x10\n\x08instance\x18\x03 \x01(\t\x12\x31\n\x06labels\x18\x04 \x03(\x0b\x32!.sidemesh.v1.Endpoint.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\x06Policy\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\x12\x0f\n\x07retries\x18\x02 \x01(\r\x12\n\n\x02lb\x18\x03 \x01(\t\x12\x31\n\rauthorization\x18\x04 \x01(\x0b\x32\x1a.sidemesh.v1.Authorization\":\n\rAuthorization\x12\x10\n\x08\x65nforced\x18\x01 \x01(\x08\x12\x17\n\x0f\x61llowed_callers\x18\x02 \x03(\t2O\n\tDiscovery\x12\x42\n\x06Stream\x12\x1d.sidemesh.v1.DiscoveryRequest\x1a\x15.sidemesh.v1.Snapshot(\x01\x30\x01\x32J\n\x08Identity\x12>\n\x05Issue\x12\x19.sidemesh.v1.IssueRequest\x1a\x1a.sidemesh.v1.IssueResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_ENDPOINT_LABELSENTRY']._loaded_options = None
   _globals['_ENDPOINT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_DISCOVERYREQUEST']._serialized_start=43
-  _globals['_DISCOVERYREQUEST']._serialized_end=174
-  _globals['_PING']._serialized_start=176
-  _globals['_PING']._serialized_end=195
-  _globals['_HELLO']._serialized_start=198
-  _globals['_HELLO']._serialized_end=465
-  _globals['_HELLO_LABELSENTRY']._serialized_start=420
-  _globals['_HELLO_LABELSENTRY']._serialized_end=465
-  _globals['_KNOWNENDPOINT']._serialized_start=467
-  _globals['_KNOWNENDPOINT']._serialized_end=530
-  _globals['_ACK']._serialized_start=532
-  _globals['_ACK']._serialized_end=609
-  _globals['_SNAPSHOT']._serialized_start=611
-  _globals['_SNAPSHOT']._serialized_end=707
-  _globals['_SERVICE']._serialized_start=709
-  _globals['_SERVICE']._serialized_end=811
-  _globals['_ENDPOINT']._serialized_start=814
-  _globals['_ENDPOINT']._serialized_end=971
-  _globals['_ENDPOINT_LABELSENTRY']._serialized_start=420
-  _globals['_ENDPOINT_LABELSENTRY']._serialized_end=465
-  _globals['_POLICY']._serialized_start=973
-  _globals['_POLICY']._serialized_end=1030
-  _globals['_DISCOVERY']._serialized_start=1032
-  _globals['_DISCOVERY']._serialized_end=1111
+  _globals['_ISSUEREQUEST']._serialized_start=42
+  _globals['_ISSUEREQUEST']._serialized_end=90
+  _globals['_ISSUERESPONSE']._serialized_start=92
+  _globals['_ISSUERESPONSE']._serialized_end=145
+  _globals['_DISCOVERYREQUEST']._serialized_start=148
+  _globals['_DISCOVERYREQUEST']._serialized_end=279
+  _globals['_PING']._serialized_start=281
+  _globals['_PING']._serialized_end=300
+  _globals['_HELLO']._serialized_start=303
+  _globals['_HELLO']._serialized_end=570
+  _globals['_HELLO_LABELSENTRY']._serialized_start=525
+  _globals['_HELLO_LABELSENTRY']._serialized_end=570
+  _globals['_KNOWNENDPOINT']._serialized_start=572
+  _globals['_KNOWNENDPOINT']._serialized_end=635
+  _globals['_ACK']._serialized_start=637
+  _globals['_ACK']._serialized_end=714
+  _globals['_SNAPSHOT']._serialized_start=716
+  _globals['_SNAPSHOT']._serialized_end=812
+  _globals['_SERVICE']._serialized_start=814
+  _globals['_SERVICE']._serialized_end=916
+  _globals['_ENDPOINT']._serialized_start=919
+  _globals['_ENDPOINT']._serialized_end=1076
+  _globals['_ENDPOINT_LABELSENTRY']._serialized_start=525
+  _globals['_ENDPOINT_LABELSENTRY']._serialized_end=570
+  _globals['_POLICY']._serialized_start=1078
+  _globals['_POLICY']._serialized_end=1186
+  _globals['_AUTHORIZATION']._serialized_start=1188
+  _globals['_AUTHORIZATION']._serialized_end=1246
+  _globals['_DISCOVERY']._serialized_start=1248
+  _globals['_DISCOVERY']._serialized_end=1327
+  _globals['_IDENTITY']._serialized_start=1329
+  _globals['_IDENTITY']._serialized_end=1403
 # @@protoc_insertion_point(module_scope)

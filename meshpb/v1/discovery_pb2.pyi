@@ -6,6 +6,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class IssueRequest(_message.Message):
+    __slots__ = ("csr_pem", "node_id")
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: str
+    node_id: str
+    def __init__(self, csr_pem: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class IssueResponse(_message.Message):
+    __slots__ = ("cert_pem", "bundle_pem")
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
+    cert_pem: str
+    bundle_pem: str
+    def __init__(self, cert_pem: _Optional[str] = ..., bundle_pem: _Optional[str] = ...) -> None: ...
+
 class DiscoveryRequest(_message.Message):
     __slots__ = ("hello", "ack", "ping")
     HELLO_FIELD_NUMBER: _ClassVar[int]
@@ -113,11 +129,21 @@ class Endpoint(_message.Message):
     def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., instance: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("timeout_ms", "retries", "lb")
+    __slots__ = ("timeout_ms", "retries", "lb", "authorization")
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     RETRIES_FIELD_NUMBER: _ClassVar[int]
     LB_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
     timeout_ms: int
     retries: int
     lb: str
-    def __init__(self, timeout_ms: _Optional[int] = ..., retries: _Optional[int] = ..., lb: _Optional[str] = ...) -> None: ...
+    authorization: Authorization
+    def __init__(self, timeout_ms: _Optional[int] = ..., retries: _Optional[int] = ..., lb: _Optional[str] = ..., authorization: _Optional[_Union[Authorization, _Mapping]] = ...) -> None: ...
+
+class Authorization(_message.Message):
+    __slots__ = ("enforced", "allowed_callers")
+    ENFORCED_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_CALLERS_FIELD_NUMBER: _ClassVar[int]
+    enforced: bool
+    allowed_callers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, enforced: _Optional[bool] = ..., allowed_callers: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -95,3 +95,90 @@ class Discovery:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class IdentityStub:
+    """Workload certificates (DESIGN.md, "Identity"). A sidecar makes its own key
+    and sends only a CSR whose one URI SAN is spiffe://<trust-domain>/service/<name>.
+    It proves that identity with its service's join token (call metadata
+    "authorization: Bearer <token>", over server-authenticated TLS) on first
+    contact, and with its current certificate (mutual TLS) when it renews.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Issue = channel.unary_unary(
+                '/sidemesh.v1.Identity/Issue',
+                request_serializer=meshpb_dot_v1_dot_discovery__pb2.IssueRequest.SerializeToString,
+                response_deserializer=meshpb_dot_v1_dot_discovery__pb2.IssueResponse.FromString,
+                _registered_method=True)
+
+
+class IdentityServicer:
+    """Workload certificates (DESIGN.md, "Identity"). A sidecar makes its own key
+    and sends only a CSR whose one URI SAN is spiffe://<trust-domain>/service/<name>.
+    It proves that identity with its service's join token (call metadata
+    "authorization: Bearer <token>", over server-authenticated TLS) on first
+    contact, and with its current certificate (mutual TLS) when it renews.
+    """
+
+    def Issue(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_IdentityServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Issue': grpc.unary_unary_rpc_method_handler(
+                    servicer.Issue,
+                    request_deserializer=meshpb_dot_v1_dot_discovery__pb2.IssueRequest.FromString,
+                    response_serializer=meshpb_dot_v1_dot_discovery__pb2.IssueResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sidemesh.v1.Identity', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sidemesh.v1.Identity', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Identity:
+    """Workload certificates (DESIGN.md, "Identity"). A sidecar makes its own key
+    and sends only a CSR whose one URI SAN is spiffe://<trust-domain>/service/<name>.
+    It proves that identity with its service's join token (call metadata
+    "authorization: Bearer <token>", over server-authenticated TLS) on first
+    contact, and with its current certificate (mutual TLS) when it renews.
+    """
+
+    @staticmethod
+    def Issue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidemesh.v1.Identity/Issue',
+            meshpb_dot_v1_dot_discovery__pb2.IssueRequest.SerializeToString,
+            meshpb_dot_v1_dot_discovery__pb2.IssueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

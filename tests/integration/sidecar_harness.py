@@ -5,7 +5,11 @@
   current snapshot right after its Hello and every later ``push``; ACK/NACKs are recorded.
   It does not import ``controlplane/``: the proto is the only contract.
 * ``snapshot(...)``: builds a Snapshot message from plain tuples.
-* ``start_sidecar(...)``: a ``sidecar.app.Sidecar`` in this process, on a fresh loopback address.
+* ``MeshCa``: a real ``identity.certs.CertificateAuthority`` in a temp dir that mints workload
+  certificates into identity directories (what the sidecar's certificate manager caches), and
+  the control plane's serving credentials; ``TestControlPlane(host, ca=...)`` then speaks mTLS.
+* ``start_sidecar(...)``: a ``sidecar.app.Sidecar`` in this process, on a fresh loopback address;
+  plaintext (``--insecure``) unless given an identity directory.
 * ``start_sidecar_process(...)``: ``sidemesh sidecar`` as a real process (uvloop, as deployed),
   optionally with a small open-file limit; its RSS and its sockets' TCP states are readable.
 * ``start_app(...)`` / ``start_raw(...)``: upstream servers (aiohttp, or raw asyncio for faults).
@@ -21,9 +25,11 @@ import json
 import os
 import resource
 import socket
+import ssl
 import struct
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -36,6 +42,10 @@ import grpc
 import grpc.aio
 from aiohttp import web
 
+from identity.certs import CertificateAuthority, cert_to_pem, generate_key, key_to_pem, make_csr
+from identity.spiffe import SpiffeId
+from identity.store import IdentityFiles
+from identity.tls import client_context
 from meshpb.v1 import discovery_pb2 as pb
 from meshpb.v1 import discovery_pb2_grpc
 from sidecar.app import Sidecar
@@ -47,11 +57,13 @@ _nonces = itertools.count(1)
 EndpointSpec = tuple[str, int] | tuple[str, int, str]
 
 
-def snapshot(version: str, services: dict[str, Iterable[EndpointSpec]], **policy: Any) -> pb.Snapshot:
+def snapshot(version: str, services: dict[str, Iterable[EndpointSpec]], *,
+             allowed_callers: dict[str, Iterable[str]] | None = None, **policy: Any) -> pb.Snapshot:
     """A Snapshot: ``{"artist": [("127.0.0.1", 8080, "artist-1")]}``; ``policy`` applies to every service.
 
     ``timeout_ms`` defaults to 5000 here (not 0, "sidecar default") so that these data-path tests
     do not depend on convert.py's handling of an unset timeout; test_sidecar_convert covers that.
+    ``allowed_callers``: service -> the callers its enforced authorization allows (others: anyone).
     """
     policy.setdefault("timeout_ms", 5000)
     out = []
@@ -60,8 +72,58 @@ def snapshot(version: str, services: dict[str, Iterable[EndpointSpec]], **policy
         for i, ep in enumerate(eps, 1):
             instance = ep[2] if len(ep) > 2 else f"{name}-{i}"  # type: ignore[misc]
             endpoints.append(pb.Endpoint(address=ep[0], port=ep[1], instance=instance))
-        out.append(pb.Service(name=name, endpoints=endpoints, policy=pb.Policy(**policy)))
+        authz = {}
+        if allowed_callers is not None and name in allowed_callers:
+            authz["authorization"] = pb.Authorization(enforced=True, allowed_callers=sorted(allowed_callers[name]))
+        out.append(pb.Service(name=name, endpoints=endpoints, policy=pb.Policy(**policy, **authz)))
     return pb.Snapshot(version=version, nonce=f"nonce-{next(_nonces)}", services=out)
+
+
+TRUST_DOMAIN = "sidemesh.local"
+# the name the sidecars check on the control plane's certificate (sidecar/discovery.py)
+CONTROLPLANE_NAME = "controlplane"
+
+
+class MeshCa:
+    """A mesh CA in a temp dir, minting certificates as the control plane's CA would issue them."""
+
+    def __init__(self, root: Path, trust_domain: str = TRUST_DOMAIN) -> None:
+        self.root = root
+        self.trust_domain = trust_domain
+        self.ca = CertificateAuthority.create(trust_domain, time.time())
+        self._dirs = itertools.count(1)
+
+    def mint(self, service: str, *, ttl_s: float = 3600.0, not_after: float | None = None) -> Path:
+        """An identity directory holding a key and a certificate for ``service`` and the bundle.
+
+        ``not_after``: when it expires (wall clock), for certificates that expire during a test.
+        """
+        files = IdentityFiles(self.root / f"{service}-{next(self._dirs)}")
+        key = files.load_or_create_key()
+        spiffe = SpiffeId(self.trust_domain, service)
+        now = time.time() if not_after is None else not_after - ttl_s
+        cert = self.ca.issue_workload(make_csr(key, spiffe, f"{service}-test"), spiffe, ttl_s=ttl_s, now=now)
+        files.save(cert_to_pem(cert), self.ca.bundle_pem)
+        return files.directory
+
+    @staticmethod
+    def client_tls(identity: Path) -> ssl.SSLContext:
+        """A TLS client presenting the certificate in ``identity``, as a calling sidecar does."""
+        files = IdentityFiles(identity)
+        return client_context(files.cert, files.key, files.bundle)
+
+    def empty(self, service: str) -> Path:
+        """An identity directory with nothing in it yet (a sidecar that never got a certificate)."""
+        path = self.root / f"{service}-{next(self._dirs)}"
+        path.mkdir(parents=True)
+        return path
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """The control plane's side of the discovery stream's mutual TLS."""
+        key = generate_key()
+        cert = self.ca.issue_server(key, dns_names=[CONTROLPLANE_NAME], ips=[], ttl_s=3600, now=time.time())
+        return grpc.ssl_server_credentials([(key_to_pem(key), cert_to_pem(cert))],
+                                           root_certificates=self.ca.bundle_pem, require_client_auth=True)
 
 
 @dataclass
@@ -76,8 +138,9 @@ class TestControlPlane:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, *, ca: MeshCa | None = None) -> None:
         self.host = host
+        self.ca = ca  # mutual TLS with sidecars holding this CA's certificates; None: plaintext
         self.port = 0
         self.current: pb.Snapshot | None = None
         self.streams: list[StreamRecord] = []
@@ -101,7 +164,10 @@ class TestControlPlane:
             },
         )
         server.add_generic_rpc_handlers((handler,))
-        self.port = server.add_insecure_port(f"{self.host}:0")
+        if self.ca is None:
+            self.port = server.add_insecure_port(f"{self.host}:0")
+        else:
+            self.port = server.add_secure_port(f"{self.host}:0", self.ca.server_credentials())
         await server.start()
         self._server = server
         return self
@@ -169,10 +235,10 @@ class TestControlPlane:
 
 
 @asynccontextmanager
-async def start_app(app: web.Application, host: str | None = None) -> AsyncIterator[tuple[str, int]]:
-    """Serve an aiohttp app on a free loopback port; yields (host, port)."""
+async def start_app(app: web.Application, host: str | None = None, port: int = 0) -> AsyncIterator[tuple[str, int]]:
+    """Serve an aiohttp app on a loopback port (a free one unless given); yields (host, port)."""
     host = host or loopback_address()
-    port = free_port(host)
+    port = port or free_port(host)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -279,16 +345,20 @@ async def start_sidecar(
     app: tuple[str, int] | None = None,
     service: str = "song",
     extra: Iterable[str] = (),
+    identity: Path | None = None,
+    dns: tuple[str, int] | None = None,
 ) -> AsyncIterator[RunningSidecar]:
     """An in-process sidecar on a fresh loopback address with the mesh's usual ports.
 
     With a control plane it waits until the sidecar is in mode ``controlplane``; DNS points
-    at a loopback port where nothing answers (these tests do not exercise the DNS fallback).
+    at ``dns``, else at a loopback port where nothing answers. ``identity``: an identity
+    directory (``MeshCa.mint``): mutual TLS with the certificate cached there; without one the
+    sidecar is ``--insecure`` (plaintext).
     """
     address = loopback_address()
     app = app or closed_port()
     controlplane = cp.target if cp is not None else "%s:%d" % closed_port()
-    dns_host, dns_port = closed_port()
+    dns_host, dns_port = dns or closed_port()
     config = parse_config(
         [
             "--service", service, "--instance", f"{service}-test", "--address", address,
@@ -296,6 +366,7 @@ async def start_sidecar(
             "--app", f"{app[0]}:{app[1]}", "--controlplane", controlplane,
             "--dns-server", f"{dns_host}:{dns_port}", "--dns-timeout", "0.2",
             "--initial-fetch-timeout", "1", "--log-level", "warning",
+            *identity_args(identity),
             *extra,
         ],
         env={},
@@ -311,6 +382,14 @@ async def start_sidecar(
     finally:
         await session.close()
         await sidecar.stop(drain_s=0.5)
+
+
+def identity_args(identity: Path | None) -> list[str]:
+    """``sidemesh sidecar`` flags: mTLS with the certificate cached in ``identity``, else ``--insecure``."""
+    if identity is None:
+        return ["--insecure"]
+    # no join token: a missing or expired certificate stays missing or expired
+    return ["--identity-dir", str(identity), "--trust-domain", TRUST_DOMAIN]
 
 
 # ----- the sidecar as a process -----
@@ -374,9 +453,11 @@ def start_sidecar_process(
     service: str = "song",
     extra: Iterable[str] = (),
     open_files: int | None = None,
+    identity: Path | None = None,
 ) -> SidecarProcess:
     """``sidemesh sidecar`` on a fresh loopback address; ``open_files`` sets its RLIMIT_NOFILE.
 
+    ``identity``: mTLS with the certificate cached there (``MeshCa.mint``), else ``--insecure``.
     Registered in ``procs``, which stops it and prints its log when the test failed.
     """
     address = loopback_address()
@@ -385,7 +466,7 @@ def start_sidecar_process(
         "sidecar", "--service", service, "--instance", f"{service}-proc", "--address", address,
         "--listen", address, "--outbound-listen", address, "--app", "%s:%d" % app,
         "--controlplane", cp.target, "--dns-server", "%s:%d" % dns, "--dns-timeout", "0.2",
-        "--log-level", "info", *extra,
+        "--log-level", "info", *identity_args(identity), *extra,
     ]
 
     def limit_files() -> None:  # runs in the child between fork and exec
@@ -425,9 +506,10 @@ async def wait_ready(sp: SidecarProcess, timeout: float = 15.0) -> None:
 # ----- raw client -----
 
 
-async def raw_request(host: str, port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
-    """Send ``data`` on a new connection and read until the peer closes it."""
-    reader, writer = await asyncio.open_connection(host, port)
+async def raw_request(host: str, port: int, data: bytes, *, timeout: float = 5.0,
+                      tls: ssl.SSLContext | None = None) -> bytes:
+    """Send ``data`` on a new connection (TLS with ``tls``) and read until the peer closes it."""
+    reader, writer = await asyncio.open_connection(host, port, ssl=tls)
     try:
         writer.write(data)
         await writer.drain()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,7 @@ from tests.integration.test_controlplane_stream import (  # noqa: F401 - fixture
     FakeSidecar,
     cp,
     get_status,
+    in_both_modes,
     instances,
     make_cp,
     sidecars,
@@ -35,6 +37,7 @@ async def post_fault(cp: RunningControlPlane, body: Any) -> tuple[int, Any]:
             return resp.status, await resp.json()
 
 
+@in_both_modes
 async def test_faults_change_what_is_pushed_and_clear_restores_it(sidecars: Any, cp: Any) -> None:
     a = await sidecars("artist-1", "artist")
     s = await sidecars("song-1", "song")
@@ -85,6 +88,7 @@ async def test_bad_fault_request_is_answered_400_and_changes_nothing(body: Any, 
             assert await resp.json() == {"empty_snapshot": False, "dropped_services": []}
 
 
+@in_both_modes
 async def test_metrics_parse_as_prometheus_text_and_count_what_happened(sidecars: Any, cp: Any) -> None:
     a = await sidecars("artist-1")
     snap = await a.next_snapshot()
@@ -125,9 +129,14 @@ def test_help_documents_every_option() -> None:
                    "--max-labels", "--max-label-key-bytes", "--max-label-value-bytes", "--max-label-bytes",
                    "--max-known-instances", "--max-known-endpoints", "--max-node-id-bytes", "--max-address-bytes",
                    "--max-last-version-bytes", "--max-request-bytes", "--snapshot-budget-bytes",
-                   "--admin-allow", "--admin-token", "--admin-token-file"):
+                   "--admin-allow", "--admin-token", "--admin-token-file",
+                   "--insecure", "--ca-dir", "--trust-domain", "--cert-ttl", "--join-tokens", "--identity-port",
+                   "--server-name", "--allow"):
         assert option in out.stdout
-    assert out.stdout.count("(default") + out.stdout.count("; default") >= 22
+    for env in ("SIDEMESH_CP_INSECURE", "SIDEMESH_CP_CA_DIR", "SIDEMESH_CP_TRUST_DOMAIN", "SIDEMESH_CP_CERT_TTL",
+                "SIDEMESH_CP_JOIN_TOKENS", "SIDEMESH_CP_IDENTITY_PORT", "SIDEMESH_CP_SERVER_NAMES", "SIDEMESH_CP_ALLOW"):
+        assert env in out.stdout
+    assert out.stdout.count("(default") + out.stdout.count("; default") >= 30
 
 
 def test_bad_arguments_exit_2_with_a_message() -> None:
@@ -138,11 +147,12 @@ def test_bad_arguments_exit_2_with_a_message() -> None:
     assert "sidemesh controlplane: error:" in out.stderr
 
 
-def test_process_answers_healthz_and_stops_cleanly_on_sigterm(procs: ProcessGroup) -> None:
+def test_process_answers_healthz_and_stops_cleanly_on_sigterm(procs: ProcessGroup, tmp_path: Path) -> None:
     host = loopback_address()
-    grpc_port, http_port = free_port(host), free_port(host)
+    grpc_port, http_port, identity_port = free_port(host), free_port(host), free_port(host)
     proc = procs.start("controlplane", "controlplane", "--listen", host, "--grpc-port", str(grpc_port),
-                       "--http-port", str(http_port))
+                       "--http-port", str(http_port), "--identity-port", str(identity_port),
+                       "--ca-dir", str(tmp_path / "ca"))
     assert wait_for_http(f"http://{host}:{http_port}/healthz") == b"ok"
     with urllib.request.urlopen(f"http://{host}:{http_port}/status", timeout=2) as resp:
         status = json.load(resp)

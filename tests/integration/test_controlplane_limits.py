@@ -15,10 +15,12 @@ import pytest
 from controlplane.app import RunningControlPlane
 from controlplane.limits import HelloLimits, flag
 from meshpb.v1 import discovery_pb2
+from identity.store import CA_CERT_FILE, ensure_tokens
 from tests.integration.test_controlplane_stream import (  # noqa: F401 - fixtures
     CpFactory,
     FakeSidecar,
     get_status,
+    in_both_modes,
     instances,
     make_cp,
     target,
@@ -88,6 +90,7 @@ async def test_a_hello_over_the_request_size_is_refused_by_grpc_before_parsing_a
     await good.close()
 
 
+@in_both_modes
 async def test_a_2mb_label_hello_gets_invalid_argument_naming_the_limit_and_nothing_else_changes(
         make_cp: CpFactory) -> None:
     cp = await make_cp()  # default limits
@@ -122,7 +125,8 @@ BOUNDARIES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "max_known_instances": ({"known_instances": ["a", "b", "c", "d"]}, {"known_instances": ["a", "b", "c", "d", "e"]}),
     "max_known_endpoints": ({"known_endpoints": [EP, EP]}, {"known_endpoints": [EP, EP, EP]}),
     "max_node_id_bytes": ({"node_id": "n" * 12}, {"node_id": "n" * 13}),
-    "max_address_bytes": ({"address": "fd00:0:0:0::ab:1"}, {"address": "fd00:0:0:0::abc:1"}),
+    # ::1 written long: a loopback address, which a loopback peer may advertise over mutual TLS too
+    "max_address_bytes": ({"address": "00:0:0:0:0:0:0:1"}, {"address": "000:0:0:0:0:0:0:1"}),
     "max_last_version_bytes": ({"last_version": "1" * 8}, {"last_version": "1" * 9}),
 }
 
@@ -176,6 +180,7 @@ async def test_the_request_size_limit_passes_at_its_value_and_refuses_one_byte_m
         await bad.close()
 
 
+@in_both_modes
 async def test_a_registration_that_would_overflow_the_snapshot_budget_is_refused_while_others_keep_syncing(
         make_cp: CpFactory) -> None:
     cp = await make_cp(snapshot_budget_bytes=2000, warmup_timeout=0.0)
@@ -230,13 +235,20 @@ async def test_sidecar_processes_never_leave_controlplane_mode_while_a_peer_send
         cp = await make_cp(warmup_timeout=0.0, hello_limits=HelloLimits(
             max_request_bytes=wide, max_label_value_bytes=wide, max_label_bytes=wide))
         labels = {"a": "x" * 2_200_000, "b": "y" * 2_200_000}
+    # the real sidecars join the secure control plane as in production: a join token for the
+    # first certificate (identity port, checked against the CA file), then mutual TLS
+    config = cp.plane.config
+    assert config.join_tokens is not None and cp.identity_port is not None
+    tokens = ensure_tokens(config.join_tokens, ["artist", "song"])
     addresses = []
     for service in ("artist", "song"):
         address = loopback_address()
         addresses.append(address)
         procs.start(f"{service}-sidecar", "sidecar", "--service", service, "--instance", f"{service}-1",
                     "--address", address, "--listen", address, "--outbound-listen", address,
-                    "--app", "%s:%d" % closed_port(), "--controlplane", target(cp),
+                    "--app", "%s:%d" % closed_port(), "--controlplane", target(cp).address,
+                    "--identity-port", str(cp.identity_port), "--identity-dir", str(procs.logdir / service),
+                    "--join-token-file", str(tokens[service]), "--trust-bundle", str(config.ca_dir / CA_CERT_FILE),
                     "--dns-server", "%s:%d" % closed_port(), "--log-level", "info")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
         deadline = time.monotonic() + 20
@@ -272,7 +284,10 @@ async def test_sidecar_processes_never_leave_controlplane_mode_while_a_peer_send
     assert len(seen) >= 40
     assert {mode for mode, _ in seen} == {"controlplane"}
     assert {version for _, version in seen} == versions  # nothing was pushed for the bad Hello
-    assert {s["node_id"] for s in (await get_status(cp))["sidecars"]} == {"artist-1", "song-1"}
+    status = await get_status(cp)
+    assert {s["node_id"]: s["identity"] for s in status["sidecars"]} == {
+        "artist-1": "spiffe://sidemesh.local/service/artist", "song-1": "spiffe://sidemesh.local/service/song"}
+    assert sample(cp, "sidemesh_controlplane_certificates_issued_total", via="token") == 2
     if layers != "default limits":
         assert sample(cp, "sidemesh_controlplane_snapshot_budget_refusals_total") == 1
     for proc in procs.procs:

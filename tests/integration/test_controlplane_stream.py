@@ -2,6 +2,12 @@
 
 Clients are real grpc.aio streams speaking sidemesh.v1 (``FakeSidecar`` below),
 not the project's sidecar: the proto is the only contract between the two.
+
+Every test here runs twice: against a secure control plane (the default: mutual
+TLS, each FakeSidecar holding a real certificate for the service its Hello names,
+issued by the CA in the test's temporary ``--ca-dir``) and against ``--insecure``
+(plaintext, as before identities). The registry and push behaviour must not
+depend on the transport.
 """
 
 from __future__ import annotations
@@ -9,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,10 +26,21 @@ import pytest
 from controlplane.app import RunningControlPlane, start
 from controlplane.config import ControlPlaneConfig
 from controlplane.model import ServicePolicy
+from identity.certs import CertificateAuthority, PrivateKey, cert_to_pem, generate_key, key_to_pem, make_csr
+from identity.spiffe import SpiffeId
+from identity.store import CA_CERT_FILE, CA_KEY_FILE
 from meshpb.v1 import discovery_pb2, discovery_pb2_grpc
 from tests.support import loopback_address
 
-pytestmark = pytest.mark.timeout(60)
+SECURE, INSECURE = "mutual-tls", "insecure"
+MODES = [SECURE, INSECURE]
+# what sidecars verify in the control plane's certificate, whatever address they dial
+SERVER_NAME_OVERRIDE = ("grpc.ssl_target_name_override", "controlplane")
+
+# for tests elsewhere that use ``make_cp`` (secure by default) and should run in both modes
+in_both_modes = pytest.mark.parametrize("make_cp", MODES, indirect=True)
+
+pytestmark = [pytest.mark.timeout(60), in_both_modes]
 
 # what a real sidecar configures (issue 3): ping every second, even without data
 SIDECAR_CHANNEL_OPTIONS = [
@@ -32,19 +51,60 @@ SIDECAR_CHANNEL_OPTIONS = [
 ]
 
 
-class FakeSidecar:
-    """A discovery-stream client: sends a Hello, reads Snapshots, sends Acks."""
+@dataclass(frozen=True)
+class CpTarget:
+    """Where a test's control plane listens, and its CA (None: plaintext, --insecure)."""
 
-    def __init__(self, target: str, node_id: str, service: str = "artist", address: str = "127.0.0.1",
+    address: str
+    ca: CertificateAuthority | None = None
+    identity_address: str | None = None
+
+    def __str__(self) -> str:
+        return self.address
+
+
+def load_ca(ca_dir: Path) -> CertificateAuthority:
+    """The mesh CA as the control plane left it in its --ca-dir."""
+    return CertificateAuthority.load((ca_dir / CA_CERT_FILE).read_bytes(), (ca_dir / CA_KEY_FILE).read_bytes())
+
+
+def workload_credentials(ca: CertificateAuthority, service: str, *, key: PrivateKey | None = None,
+                         node_id: str = "test", ttl_s: float = 3600) -> grpc.ChannelCredentials:
+    """Client credentials of a sidecar of ``service``: its own key, a certificate from the mesh CA."""
+    key = key or generate_key()
+    identity = SpiffeId(ca.trust_domain, service)
+    cert = ca.issue_workload(make_csr(key, identity, node_id), identity, ttl_s=ttl_s, now=time.time())
+    return grpc.ssl_channel_credentials(root_certificates=ca.bundle_pem, private_key=key_to_pem(key),
+                                        certificate_chain=cert_to_pem(cert))
+
+
+def open_channel(target: CpTarget | str, credentials: grpc.ChannelCredentials | None,
+                 options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(str(target), options=list(options))
+    return grpc.aio.secure_channel(str(target), credentials, options=[*options, SERVER_NAME_OVERRIDE])
+
+
+class FakeSidecar:
+    """A discovery-stream client: sends a Hello, reads Snapshots, sends Acks.
+
+    Against a secure control plane it holds a certificate for ``cert_service`` (default: the
+    service its Hello names) with ``key`` (default: a fresh one), unless ``credentials`` are given.
+    """
+
+    def __init__(self, target: CpTarget | str, node_id: str, service: str = "artist", address: str = "127.0.0.1",
                  port: int = 15006, *, known_instances: Sequence[str] = (), last_version: str = "",
                  labels: Mapping[str, str] | None = None, known_endpoints: Sequence[tuple[str, str, int]] = (),
-                 channel_options: Sequence[tuple[str, int]] = ()) -> None:
+                 channel_options: Sequence[tuple[str, int]] = (), cert_service: str | None = None,
+                 key: PrivateKey | None = None, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.target = target
         self.hello = discovery_pb2.Hello(
             node_id=node_id, service=service, address=address, port=port, known_instances=list(known_instances),
             last_version=last_version, labels=dict(labels or {}),
             known_endpoints=[discovery_pb2.KnownEndpoint(service=s, address=a, port=p) for s, a, p in known_endpoints])
-        self.channel = grpc.aio.insecure_channel(target, options=list(channel_options))
+        if credentials is None and isinstance(target, CpTarget) and target.ca is not None:
+            credentials = workload_credentials(target.ca, cert_service or service, key=key, node_id=node_id)
+        self.channel = open_channel(target, credentials, channel_options)
         self.call: Any = discovery_pb2_grpc.DiscoveryStub(self.channel).Stream()
         self.snapshots: list[discovery_pb2.Snapshot] = []
         # one reader task feeds a queue: timing out a wait must not cancel the RPC
@@ -111,12 +171,20 @@ CpFactory = Callable[..., Awaitable[RunningControlPlane]]
 
 
 @pytest.fixture
-async def make_cp() -> AsyncIterator[CpFactory]:
+async def make_cp(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CpFactory]:
+    """Starts control planes on a fresh loopback address; secure unless parametrized ``insecure``.
+
+    A secure one keeps its CA in the test's temporary --ca-dir (restarts reuse it, as in life)
+    and its join tokens in ``tmp_path / "tokens"``; ``identity_port`` is a free one.
+    """
     running: list[RunningControlPlane] = []
+    insecure = getattr(request, "param", SECURE) == INSECURE
+    (tmp_path / "tokens").mkdir(exist_ok=True)
 
     async def factory(**overrides: Any) -> RunningControlPlane:
         settings: dict[str, Any] = dict(listen=loopback_address(), grpc_port=0, http_port=0,
-                                        coalesce_ms=10.0, warmup_timeout=1.0, grace=0.5)
+                                        coalesce_ms=10.0, warmup_timeout=1.0, grace=0.5, insecure=insecure,
+                                        ca_dir=tmp_path / "ca", join_tokens=tmp_path / "tokens", identity_port=0)
         settings.update(overrides)
         cp = await start(ControlPlaneConfig(**settings))
         running.append(cp)
@@ -146,8 +214,12 @@ async def sidecars(cp: RunningControlPlane) -> AsyncIterator[Callable[..., Await
         await sc.close()
 
 
-def target(cp: RunningControlPlane) -> str:
-    return f"{cp.plane.config.listen}:{cp.grpc_port}"
+def target(cp: RunningControlPlane) -> CpTarget:
+    """The control plane's discovery port, and its CA (from --ca-dir) when it is secure."""
+    host = cp.plane.config.listen
+    if cp.plane.ca is None:
+        return CpTarget(f"{host}:{cp.grpc_port}")
+    return CpTarget(f"{host}:{cp.grpc_port}", load_ca(cp.plane.config.ca_dir), f"{host}:{cp.identity_port}")
 
 
 async def get_status(cp: RunningControlPlane) -> dict[str, Any]:
@@ -224,9 +296,10 @@ async def test_policy_override_from_config_is_sent_with_the_service(make_cp: CpF
 
 
 async def test_newest_stream_for_a_node_id_replaces_the_old_one(sidecars: Any, cp: Any) -> None:
-    old = await sidecars("artist-1", "artist", address="127.10.1.1")
+    key = generate_key()  # a reconnecting sidecar keeps its key (secure mode checks that)
+    old = await sidecars("artist-1", "artist", address="127.10.1.1", key=key)
     await old.next_snapshot()
-    new = await sidecars("artist-1", "artist", address="127.10.1.9")
+    new = await sidecars("artist-1", "artist", address="127.10.1.9", key=key)
     snap = await new.snapshot_where(lambda s: bool(s.services))
     assert [(e.instance, e.address) for e in snap.services[0].endpoints] == [("artist-1", "127.10.1.9")]
     assert await old.status_code() == grpc.StatusCode.ABORTED

@@ -93,7 +93,8 @@ def group() -> Iterator[ProcessGroup]:
 
 
 def _sidecar(group: ProcessGroup, address: str, controlplane: str, *extra: str) -> str:
-    group.start("sidecar", "sidecar", "--service", "artist", "--instance", "artist-1", "--address", address,
+    # plaintext: these tests are about the stream's liveness, not who may open it
+    group.start("sidecar", "sidecar", "--insecure", "--service", "artist", "--instance", "artist-1", "--address", address,
                 "--listen", address, "--outbound-listen", address, "--app", f"{address}:8080",
                 "--controlplane", controlplane, "--dns-server", f"{address}:15053", "--dns-timeout", "0.2", *extra)
     admin = f"{address}:15000"
@@ -138,7 +139,9 @@ async def test_a_sidecar_whose_node_id_another_stream_takes_over_registers_again
     group: ProcessGroup,
 ) -> None:
     cp_host = loopback_address()
-    group.start("controlplane", "controlplane", "--listen", cp_host)
+    # plaintext, so a second stream can claim the node id at all (with identity the control plane
+    # refuses a takeover by another key: tests/integration/test_identity_mesh.py)
+    group.start("controlplane", "controlplane", "--insecure", "--listen", cp_host)
     wait_for_http(f"http://{cp_host}:15014/healthz", timeout=15)
     address = loopback_address()
     admin = await asyncio.to_thread(_sidecar, group, address, f"{cp_host}:15010", "--ping-interval", "1", "--ping-timeout", "1")

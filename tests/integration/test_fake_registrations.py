@@ -1,12 +1,17 @@
 """Damage that must not outlive the attacker: registrations that come and go leave nothing
 behind in any sidecar's table. A real `sidemesh up` mesh (real DNS server, which answers
 NXDOMAIN for names no pod serves) and real grpcio streams as the attacker.
+
+The mesh runs `--insecure` so that anyone can register, as anyone could before identity: what
+is tested is that the sidecars' tables heal, whoever the registrations came from (with identity
+on, the same holds for a service whose credentials leaked).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc.aio
@@ -14,11 +19,17 @@ import pytest
 from meshpb.v1 import discovery_pb2 as pb
 from meshpb.v1 import discovery_pb2_grpc as pb_grpc
 
-from tests.mesh import Mesh, get_json
+from tests.mesh import Mesh, get_json, running_mesh
 
 pytestmark = [pytest.mark.timeout(120)]
 
 GRACE_S = 3.0  # the sidecar's default --guard-grace
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    with running_mesh("--insecure") as m:
+        yield m
 
 
 def _cp(mesh: Mesh) -> tuple[str, str]:

@@ -71,7 +71,7 @@ async def test_50mb_response_streams_through_a_sidecar_process_without_growing_i
         address = loopback_address()
         dns = closed_port()
         proc = procs.start(
-            "sidecar", "sidecar", "--service", "song", "--instance", "song-rss", "--address", address,
+            "sidecar", "sidecar", "--insecure", "--service", "song", "--instance", "song-rss", "--address", address,
             "--listen", address, "--outbound-listen", address, "--app", "%s:%d" % closed_port(),
             "--controlplane", cp.target, "--dns-server", "%s:%d" % dns, "--log-level", "warning",
         )

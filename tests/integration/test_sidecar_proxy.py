@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -14,6 +17,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.sidecar_harness import (
+    MeshCa,
     RunningSidecar,
     TestControlPlane,
     closed_port,
@@ -76,6 +80,33 @@ def _upstream_app(name: str) -> web.Application:
 @pytest.fixture
 async def cp() -> AsyncIterator[TestControlPlane]:
     plane = await TestControlPlane(loopback_address()).start()
+    yield plane
+    await plane.stop()
+
+
+@dataclass
+class Security:
+    """How the sidecars of a test talk: plaintext (``--insecure``), or mutual TLS with one test CA."""
+
+    ca: MeshCa | None
+
+    def identity(self, service: str) -> Path | None:
+        return None if self.ca is None else self.ca.mint(service)
+
+    def client(self) -> ssl.SSLContext | None:
+        """What a calling sidecar presents to an inbound listener (a mesh certificate, or nothing)."""
+        return None if self.ca is None else MeshCa.client_tls(self.ca.mint("web"))
+
+
+@pytest.fixture(params=["insecure", "mtls"])
+def security(request: pytest.FixtureRequest, tmp_path: Path) -> Security:
+    return Security(MeshCa(tmp_path / "ca") if request.param == "mtls" else None)
+
+
+@pytest.fixture
+async def secure_cp(security: Security) -> AsyncIterator[TestControlPlane]:
+    """A control plane the sidecars of ``security`` can talk to."""
+    plane = await TestControlPlane(loopback_address(), ca=security.ca).start()
     yield plane
     await plane.stop()
 
@@ -359,10 +390,13 @@ async def test_unknown_service_error_still_carries_a_route_header(sc: RunningSid
     assert "x-sidemesh-route" in headers
 
 
-async def test_drain_closes_idle_keep_alive_connections_and_lets_the_answer_in_flight_finish(cp: TestControlPlane) -> None:
-    async with start_app(_upstream_app("song")) as where, start_sidecar(cp, app=where) as sc:
-        idle_r, idle_w = await asyncio.open_connection(sc.address, sc.inbound_port)
-        busy_r, busy_w = await asyncio.open_connection(sc.address, sc.inbound_port)
+async def test_drain_closes_idle_keep_alive_connections_and_lets_the_answer_in_flight_finish(
+    secure_cp: TestControlPlane, security: Security
+) -> None:
+    identity, tls = security.identity("song"), security.client()
+    async with start_app(_upstream_app("song")) as where, start_sidecar(secure_cp, app=where, identity=identity) as sc:
+        idle_r, idle_w = await asyncio.open_connection(sc.address, sc.inbound_port, ssl=tls)
+        busy_r, busy_w = await asyncio.open_connection(sc.address, sc.inbound_port, ssl=tls)
         try:
             for writer, reader in ((idle_w, idle_r), (busy_w, busy_r)):  # both pooled keep-alive connections
                 writer.write(b"GET /who HTTP/1.1\r\nHost: song\r\n\r\n")
@@ -380,17 +414,19 @@ async def test_drain_closes_idle_keep_alive_connections_and_lets_the_answer_in_f
             status, headers, body = await asyncio.wait_for(read_response(busy_r), 5)
             assert (status, body, headers["connection"]) == (200, b"late", "close")  # in flight: finished
             assert await asyncio.wait_for(busy_r.read(-1), 2) == b""
-            reply = await raw_request(sc.address, sc.inbound_port, b"GET /who HTTP/1.1\r\nHost: song\r\n\r\n")
+            reply = await raw_request(sc.address, sc.inbound_port, b"GET /who HTTP/1.1\r\nHost: song\r\n\r\n", tls=tls)
             assert reply.startswith(b"HTTP/1.1 200 ") and b"connection: close\r\n" in reply.lower()
         finally:
             idle_w.close()
             busy_w.close()
 
 
-async def test_callers_of_a_draining_sidecar_fail_no_request(cp: TestControlPlane) -> None:
-    async with start_app(_upstream_app("song")) as where, start_sidecar(cp, app=where) as callee:
+async def test_callers_of_a_draining_sidecar_fail_no_request(secure_cp: TestControlPlane, security: Security) -> None:
+    cp = secure_cp
+    async with start_app(_upstream_app("song")) as where, \
+            start_sidecar(cp, app=where, identity=security.identity("song")) as callee:
         await cp.push(snapshot("v2", {"song": [(callee.address, callee.inbound_port)]}, retries=0))
-        async with start_sidecar(cp, service="web") as caller:
+        async with start_sidecar(cp, service="web", identity=security.identity("web")) as caller:
             for _ in range(3):
                 assert (await caller.get("http://song/who"))[0] == 200  # the caller pools a connection
             before = (await caller.state())["pool"]["connects"]

@@ -11,7 +11,8 @@ from benchmarks.controlplane import all_synced, goals_met, parse_sidecars, split
 from benchmarks.loadtools import FixedRateResult, WrkResult
 from benchmarks.memory import RssTrend, slope_per_minute
 from benchmarks.report import PathResult, ProxyUsage, format_table, ratio_line, ratios, write_json
-from benchmarks.servers import Layout, envoy_config, nginx_conf, state_has_route
+from benchmarks.envoyconfig import envoy_config
+from benchmarks.servers import Layout, nginx_conf, state_has_route
 
 NO_ERRORS = {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
 
@@ -108,8 +109,10 @@ def test_envoy_config_forwards_any_host_to_the_next_hop_and_nginx_serves_12_byte
 
 def test_layout_puts_every_pod_on_its_own_loopback_address() -> None:
     layout = Layout("127.77")
-    addresses = {layout.controlplane, layout.pod_a, layout.pod_b, layout.envoy_a, layout.envoy_b}
-    assert len(addresses) == 5 and all(a.startswith("127.77.") for a in addresses)
+    addresses = {layout.controlplane, layout.pod_a, layout.pod_b, layout.envoy_a, layout.envoy_b,
+                 layout.controlplane_mtls, layout.pod_a_mtls, layout.pod_b_mtls, layout.envoy_a_mtls,
+                 layout.envoy_b_mtls, layout.envoy_a_fresh}
+    assert len(addresses) == 11 and all(a.startswith("127.77.") for a in addresses)
     assert len(set(layout.listeners())) == len(layout.listeners())
 
 

@@ -20,10 +20,10 @@ def test_generated_protobuf_code_matches_the_proto_files(tmp_path: Path) -> None
 
 def test_only_conversion_modules_import_the_generated_messages() -> None:
     """Protobuf stays at the edge (STYLE.md 12)."""
-    allowed = {"sidecar/convert.py", "sidecar/discovery.py", "controlplane/convert.py", "controlplane/server.py",
+    allowed = {"sidecar/convert.py", "sidecar/discovery.py", "sidecar/certmanager.py", "controlplane/convert.py", "controlplane/server.py",
                "controlplane/session.py", "controlplane/app.py", "controlplane/plane.py", "controlplane/push.py"}
     offenders = []
-    for pkg in ("sidecar", "controlplane", "services", "dnsfallback", "sidemesh"):
+    for pkg in ("sidecar", "controlplane", "services", "dnsfallback", "sidemesh", "identity"):
         for path in (REPO / pkg).rglob("*.py"):
             rel = str(path.relative_to(REPO))
             if "meshpb" in path.read_text() and rel not in allowed:
@@ -32,8 +32,10 @@ def test_only_conversion_modules_import_the_generated_messages() -> None:
 
 
 def test_packages_respect_the_design_import_rules() -> None:
-    """DESIGN.md: services -> nothing of the mesh; dnsfallback -> nothing of ours; no sidecar <-> controlplane."""
+    """DESIGN.md: services -> nothing of the mesh; dnsfallback and identity -> nothing of ours;
+    no sidecar <-> controlplane."""
     forbidden = {
+        "identity": ("sidecar", "controlplane", "services", "dnsfallback", "sidemesh", "meshpb"),
         "services": ("sidecar", "controlplane", "dnsfallback", "sidemesh", "meshpb"),
         "dnsfallback": ("sidecar", "controlplane", "services", "sidemesh", "meshpb"),
         "controlplane": ("sidecar", "services", "dnsfallback", "sidemesh"),

@@ -86,6 +86,9 @@ class FakeResolver:
     def watch(self, services: Any) -> None:
         pass
 
+    def unwatch(self, services: Any = None) -> None:
+        pass
+
     def on_change(self, callback: Any) -> None:
         pass
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,13 @@ def _arg(args: tuple[str, ...], flag: str) -> list[str]:
     return [args[i + 1] for i, a in enumerate(args) if a == flag]
 
 
+def _layout(**kw: Any) -> MeshLayout:
+    """A secure local mesh (the default) keeps its CA and tokens below a state directory."""
+    return MeshLayout(**{"state_dir": "/state", **kw})
+
+
 def test_default_layout_puts_every_part_where_the_design_says() -> None:
-    lay = MeshLayout()
+    lay = _layout()
     assert str(lay.default_control) == "127.10.0.1:15100"
     assert lay.controlplane_address == "127.10.0.2"
     assert lay.dns_address == "127.10.0.3"
@@ -34,7 +41,7 @@ def test_default_layout_puts_every_part_where_the_design_says() -> None:
 
 
 def test_narrow_subnet_packs_service_and_replica_into_the_last_octet() -> None:
-    lay = MeshLayout(subnet="127.150.7")
+    lay = _layout(subnet="127.150.7")
     assert lay.supervisor_address == "127.150.7.1"
     assert lay.controlplane_address == "127.150.7.2"
     assert lay.dns_address == "127.150.7.3"
@@ -51,7 +58,7 @@ def test_subnet_outside_loopback_or_malformed_is_refused(bad: str) -> None:
 
 
 def test_pod_sidecar_points_at_the_mesh_control_plane_and_dns_and_its_own_app() -> None:
-    pod = MeshLayout().pod("artist", 2)
+    pod = _layout().pod("artist", 2)
     app, sidecar = pod.processes
     assert (app.role, sidecar.role) == ("app", "sidecar")
     assert app.args[:2] == ("service", "artist")
@@ -69,14 +76,14 @@ def test_pod_sidecar_points_at_the_mesh_control_plane_and_dns_and_its_own_app() 
 
 
 def test_only_the_first_song_replica_holds_the_published_port() -> None:
-    lay = MeshLayout(publish=HostPort("127.0.0.1", 18080))
+    lay = _layout(publish=HostPort("127.0.0.1", 18080))
     assert _arg(lay.pod("song", 1).processes[1].args, "--extra-inbound") == ["127.0.0.1:18080"]
     assert _arg(lay.pod("song", 2).processes[1].args, "--extra-inbound") == []
     assert lay.pod("song", 1).ports["publish"] == 18080
 
 
 def test_control_plane_and_dns_listen_on_their_own_addresses_with_the_given_ttl() -> None:
-    lay = MeshLayout(subnet="127.11", dns_ttl=0.5)
+    lay = _layout(subnet="127.11", dns_ttl=0.5)
     cp = lay.controlplane().processes[0].args
     dns = lay.dns().processes[0].args
     assert _arg(cp, "--listen") == ["127.11.0.2"]
@@ -86,12 +93,12 @@ def test_control_plane_and_dns_listen_on_their_own_addresses_with_the_given_ttl(
 
 
 def test_initial_units_follow_the_replica_counts() -> None:
-    names = [u.name for u in MeshLayout().initial_units({"artist": 2, "song": 1, "image": 0})]
+    names = [u.name for u in _layout().initial_units({"artist": 2, "song": 1, "image": 0})]
     assert names == ["dns", "controlplane", "artist-1", "artist-2", "song-1"]
 
 
 def test_listen_sockets_cover_every_fixed_port_and_the_published_one() -> None:
-    socks = set(MeshLayout().listen_sockets({"artist": 1, "song": 1, "image": 1}))
+    socks = set(_layout().listen_sockets({"artist": 1, "song": 1, "image": 1}))
     assert ("udp", "127.10.0.3", 15053) in socks
     assert ("tcp", "127.10.0.2", 15010) in socks
     assert ("tcp", "127.10.3.1", 15000) in socks
@@ -138,7 +145,7 @@ def test_scale_to_the_current_count_does_nothing() -> None:
 
 
 def test_dns_records_list_only_running_pods_per_service() -> None:
-    lay = MeshLayout()
+    lay = _layout()
     units = [(lay.dns(), "running"), (lay.controlplane(), "killed"),
              (lay.pod("artist", 1), "running"), (lay.pod("artist", 2), "killed"),
              (lay.pod("artist", 10), "running"), (lay.pod("song", 1), "running"), (lay.pod("image", 1), "stopped")]
@@ -146,7 +153,7 @@ def test_dns_records_list_only_running_pods_per_service() -> None:
 
 
 def test_names_resolve_to_one_unit_a_whole_service_or_a_clear_error() -> None:
-    lay = MeshLayout()
+    lay = _layout()
     specs = lay.initial_units({"artist": 2, "song": 1, "image": 1})
     assert [s.name for s in resolve_target("controlplane", specs)] == ["controlplane"]
     assert [s.name for s in resolve_target("artist", specs)] == ["artist-1", "artist-2"]
@@ -161,7 +168,7 @@ async def test_a_pod_enters_dns_only_once_it_is_ready(tmp_path: Path) -> None:
     """A record for a pod whose app is still starting would send callers to a 503 (seen in CI)."""
     from sidemesh.supervisor import Supervisor, Unit
 
-    layout = MeshLayout()
+    layout = _layout()
     sup = Supervisor(layout, tmp_path)
     one, two = Unit(layout.pod("artist", 1), state="running", ready=True), Unit(layout.pod("artist", 2), state="running")
     sup.units = {"artist-1": one, "artist-2": two}
@@ -170,3 +177,33 @@ async def test_a_pod_enters_dns_only_once_it_is_ready(tmp_path: Path) -> None:
     assert sup.records() == {"artist": [one.spec.address, two.spec.address]}
     two.state = "killed"
     assert sup.records() == {"artist": [one.spec.address]}
+
+
+def test_a_secure_mesh_gives_the_control_plane_its_ca_tokens_and_the_demo_policy() -> None:
+    args = _layout(cert_ttl="20s").controlplane().processes[0].args
+    assert "--insecure" not in args
+    def value(flag: str) -> str:
+        return args[args.index(flag) + 1]
+    assert value("--ca-dir") == "/state/ca" and value("--join-tokens") == "/state/tokens"
+    assert value("--allow") == "song->artist,song->image" and value("--cert-ttl") == "20s"
+
+
+def test_a_secure_pod_gets_its_own_identity_dir_its_service_token_and_the_bundle() -> None:
+    args = _layout().pod("artist", 2).processes[1].args
+    def value(flag: str) -> str:
+        return args[args.index(flag) + 1]
+    assert value("--identity-dir") == "/state/pods/artist-2"
+    assert value("--join-token-file") == "/state/tokens/artist"
+    assert value("--trust-bundle") == "/state/ca/ca.pem"
+
+
+def test_an_insecure_mesh_passes_insecure_to_everyone_and_needs_no_state() -> None:
+    lay = MeshLayout(insecure=True)
+    assert "--insecure" in lay.controlplane().processes[0].args
+    assert "--insecure" in lay.pod("song", 1).processes[1].args
+    assert "--ca-dir" not in lay.controlplane().processes[0].args
+
+
+def test_a_secure_mesh_without_a_state_directory_is_a_clear_error() -> None:
+    with pytest.raises(LayoutError, match="state directory"):
+        MeshLayout().controlplane()
