@@ -9,6 +9,7 @@ prometheus_client is imported at the first scrape: it is ~2 MB an idle sidecar n
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,20 +25,33 @@ if TYPE_CHECKING:
 # the two sides of the data path, as metric labels and log fields
 OUTBOUND = "outbound"
 INBOUND = "inbound"
+# upper bounds (seconds) of the request-duration histogram's buckets; +Inf is implied
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class SidecarMetrics:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
+        # (direction, service, route source) -> [count per bucket..., count over the last bucket, sum]
+        self.durations: dict[tuple[str, str, str], list[float]] = {}
         self.retries = 0
         # mTLS (sidecar/mtls.py): per connection, not per request
         self.tls_handshakes: dict[tuple[str, str], int] = {}  # (direction, outcome)
         self.peer_failures: dict[tuple[str, str, str], int] = {}  # (direction, service, reason)
         self.denials: dict[tuple[str, str], int] = {}  # (our service, caller)
 
-    def count(self, direction: str, service: str, status: int) -> None:
+    def count(self, direction: str, service: str, status: int, *, source: str = "none",
+              seconds: float | None = None) -> None:
+        """One finished request; with ``seconds``, also its duration per destination and route source."""
         key = (direction, service, status)
         self.requests[key] = self.requests.get(key, 0) + 1
+        if seconds is not None:
+            hkey = (direction, service, source)
+            h = self.durations.get(hkey)
+            if h is None:
+                h = self.durations[hkey] = [0.0] * (len(DURATION_BUCKETS) + 2)
+            h[bisect_left(DURATION_BUCKETS, seconds)] += 1
+            h[-1] += seconds
 
     def handshake(self, direction: str, outcome: str) -> None:
         key = (direction, outcome)
@@ -63,6 +77,15 @@ class SidecarMetrics:
         return sum(n for (d, _, _), n in self.requests.items() if d == direction)
 
 
+def cumulative_buckets(h: list[float]) -> list[tuple[str, float]]:
+    """Per-bucket counts -> Prometheus' cumulative ``le`` buckets, +Inf last."""
+    out, running = [], 0.0
+    for bound, n in zip((*DURATION_BUCKETS, float("inf")), h[:-1], strict=True):
+        running += n
+        out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return out
+
+
 class MetricsExporter:
     """A prometheus_client collector over the sidecar's plain counters."""
 
@@ -83,6 +106,18 @@ class MetricsExporter:
             self._registry.register(self)
         return generate_latest(self._registry), CONTENT_TYPE_LATEST
 
+    def _durations(self) -> Metric:
+        from prometheus_client.core import HistogramMetricFamily
+
+        hist = HistogramMetricFamily(
+            "sidemesh_request_duration_seconds",
+            "Request duration, by direction, destination service and route source (controlplane, dns, cache)",
+            labels=["direction", "service", "source"],
+        )
+        for (direction, service, source), h in sorted(self.m.durations.items()):
+            hist.add_metric([direction, service, source], cumulative_buckets(h), sum_value=h[-1])
+        return hist
+
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -93,6 +128,7 @@ class MetricsExporter:
         for (direction, service, code), n in sorted(self.m.requests.items()):
             req.add_metric([direction, service, str(code)], n)
         yield req
+        yield self._durations()
         retries = CounterMetricFamily("sidemesh_retries", "Requests retried on another endpoint")
         retries.add_metric([], self.m.retries)
         yield retries

@@ -43,6 +43,7 @@ requests is authorized against our service's policy before it is routed.
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 from collections import deque
 from collections.abc import Coroutine
@@ -627,7 +628,7 @@ class Exchange:
         "req_lines", "req_framing", "req_done", "req_pending", "req_pending_size", "replay", "replay_size",
         "route", "endpoint", "tried", "upstream", "attempts", "reused", "sent_any",
         "response_started", "resp_framing_out", "resp_done", "resp_status", "resp_until_close", "far_retry",
-        "timer", "out", "finished", "head_request", "_down_paused", "_up_paused",
+        "timer", "out", "finished", "head_request", "_down_paused", "_up_paused", "t0",
     )
 
     def __init__(
@@ -672,6 +673,7 @@ class Exchange:
         self.out: list[bytes] = []
         self.finished = False
         self.head_request = method == b"HEAD"
+        self.t0 = time.monotonic()  # for the request-duration histogram
         self._down_paused = False  # we stopped reading the client: too much body buffered
         self._up_paused = False  # we stopped reading the client: the upstream's write buffer is full
 
@@ -1134,7 +1136,10 @@ class Exchange:
         return f"{name} at {ep.address}:{ep.port}" if ep else name
 
     def _count(self, status: int) -> None:
-        self.ctx.metrics.count(self.ctx.direction, self.service or "-", status)
+        source = self.route.source.value if self.route is not None and self.ctx.direction == OUTBOUND else (
+            "inbound" if self.ctx.direction == INBOUND else "none")
+        self.ctx.metrics.count(self.ctx.direction, self.service or "-", status,
+                               source=source, seconds=time.monotonic() - self.t0)
 
 
 def _has_host(headers: list[tuple[bytes, bytes]]) -> bool:
