@@ -86,6 +86,7 @@ class CertificateManager:
         self.failures = 0
         self.last_error: str | None = None
         self._attempted = asyncio.Event()  # set after every attempt to get a certificate
+        self._tried_mtime: float | None = None  # the certificate file last loaded or found unusable
 
     async def settled(self, timeout: float) -> None:
         """Wait (at most ``timeout``) until the certificate is usable or an attempt to get one ended."""
@@ -100,6 +101,7 @@ class CertificateManager:
     async def load_cached(self) -> bool:
         """Use the certificate cached on disk if it is ours and not expired; True if so."""
         files = self.config.files
+        self._tried_mtime = await asyncio.to_thread(_mtime, files.cert)
         try:
             pem = await asyncio.to_thread(files.load_cert)
             if pem is None or not files.bundle.exists() or not files.key.exists():
@@ -152,13 +154,14 @@ class CertificateManager:
     async def _sleep_or_local_certificate(self, delay: float) -> None:
         """Sleep ``delay``; without a usable certificate, look for one a local issuer left meanwhile."""
         deadline = self._clock() + delay
-        seen = await asyncio.to_thread(_mtime, self.config.files.cert)
         while self.identity.unusable_reason() is not None and self._clock() < deadline:
-            await asyncio.sleep(min(LOCAL_POLL_S, max(0.0, deadline - self._clock())))
+            # a certificate file we have not tried yet: one the issuer may have written at any
+            # moment since the CSR was left, even before this sleep began
             mtime = await asyncio.to_thread(_mtime, self.config.files.cert)
-            if mtime == seen:
+            if mtime is None or mtime == self._tried_mtime:
+                await asyncio.sleep(min(LOCAL_POLL_S, max(0.0, deadline - self._clock())))
                 continue
-            seen = mtime
+            self._tried_mtime = mtime
             if await self.load_cached():
                 log.info("event=certificate_issued via=local_issuer identity=%s", self.identity.spiffe_id)
                 self._attempted.set()
