@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.retry import MAX_ATTEMPTS, Failure, should_retry
+from sidecar.retry import MAX_ATTEMPTS, MAX_WALK, Failure, should_retry
 
 
 def retry(failure: Failure, **kw: Any) -> bool:
@@ -23,10 +23,23 @@ def test_a_dead_pooled_connection_on_a_one_endpoint_route_is_retried_once_on_it(
     assert [retry(Failure.DEAD_POOLED, attempts=n, endpoints=1) for n in (1, 2)] == [True, False]
 
 
-def test_attempts_stop_at_the_maximum_however_many_endpoints() -> None:
-    assert retry(Failure.DEAD_POOLED, attempts=MAX_ATTEMPTS - 1, endpoints=10)
-    assert not retry(Failure.DEAD_POOLED, attempts=MAX_ATTEMPTS, endpoints=10)
-    assert not retry(Failure.CONNECT, attempts=MAX_ATTEMPTS, endpoints=10, policy_retries=5)
+def test_policy_retries_stop_at_the_maximum_whatever_the_policy_says() -> None:
+    assert retry(Failure.RESET, attempts=MAX_ATTEMPTS - 1, endpoints=1, policy_retries=5)
+    assert not retry(Failure.RESET, attempts=MAX_ATTEMPTS, endpoints=1, policy_retries=5)
+    assert not retry(Failure.CONNECT, attempts=MAX_ATTEMPTS, endpoints=1, policy_retries=5)
+
+
+def test_a_refused_connect_reaches_the_one_live_replica_behind_three_dead_ones() -> None:
+    # scale 4 -> 1 with the control plane dead: DNS may still list three replicas that are gone
+    assert [retry(Failure.CONNECT, attempts=n, endpoints=4) for n in (1, 2, 3, 4)] == [True, True, True, False]
+    assert [retry(Failure.APP_UNAVAILABLE, attempts=n, endpoints=4) for n in (1, 2, 3, 4)] == [True, True, True, False]
+    assert [retry(Failure.DEAD_POOLED, attempts=n, endpoints=4) for n in (1, 2, 3, 4)] == [True, True, True, False]
+
+
+def test_walking_the_endpoints_stops_at_its_bound_however_many_there_are() -> None:
+    assert retry(Failure.CONNECT, attempts=MAX_WALK - 1, endpoints=100)
+    assert not retry(Failure.CONNECT, attempts=MAX_WALK, endpoints=100)
+    assert not retry(Failure.DEAD_POOLED, attempts=MAX_WALK, endpoints=100)
 
 
 def test_a_non_idempotent_request_is_not_retried_once_it_may_have_reached_the_app() -> None:
