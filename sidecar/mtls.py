@@ -179,10 +179,16 @@ class InboundTls:
         loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         cause: BaseException | None = None
+        tls: asyncio.Transport | None = None
         try:
-            tls = await loop.start_tls(transport, protocol, self.identity.server, server_side=True,
-                                       ssl_handshake_timeout=self.handshake_timeout_s,
-                                       ssl_shutdown_timeout=self.shutdown_timeout_s)
+            if transport.is_closing():  # the client left before we began: start_tls would never return
+                raise ConnectionResetError("the connection closed before the handshake began")
+            # bounded here too (in this task: start_tls must take the transport over in this very
+            # step, see DownstreamConnection._accept_tls), should the transport be lost unseen
+            async with asyncio.timeout(self.handshake_timeout_s + 0.5):
+                tls = await loop.start_tls(transport, protocol, self.identity.server, server_side=True,
+                                           ssl_handshake_timeout=self.handshake_timeout_s,
+                                           ssl_shutdown_timeout=self.shutdown_timeout_s)
         except (OSError, TimeoutError) as exc:
             tls, cause = None, exc
         if tls is None or tls.is_closing():

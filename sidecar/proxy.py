@@ -1048,6 +1048,10 @@ class Exchange:
         if self.finished or self.response_started:
             return
         timeout = self.route.policy.timeout_s if self.route else 0
+        conn = self.upstream
+        log.warning("event=upstream_timeout direction=%s service=%s endpoint=%s attempts=%d reused=%s sent=%s "
+                    "upstream=%s", self.ctx.direction, self.service or "app", self._where(), self.attempts,
+                    self.reused, self.sent_any, "none" if conn is None else conn.describe())
         self.fail(UpstreamTimeout(f"no response from {self._where()} within {timeout:g}s", service=self.service or None))
         self.flush()
 

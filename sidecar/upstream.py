@@ -17,6 +17,7 @@ the identity check happen once per connection, not per request.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     from sidecar.proxy import Exchange
 
 Key = tuple[str, int]
+
+# Linux tcp_states.h, for logs
+_TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+               7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -141,6 +146,19 @@ class UpstreamConnection(asyncio.Protocol):
     def usable(self) -> bool:
         return not self.closed and self.transport is not None and not self.transport.is_closing()
 
+    def describe(self) -> str:
+        """What a log line needs to tell a dead connection from a slow peer (TCP state from the kernel)."""
+        t = self.transport
+        tcp = "-"
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is not None:
+            try:
+                tcp = _TCP_STATES.get(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0], "?")
+            except OSError:
+                tcp = "?"
+        return (f"closed={self.closed} closing={t is None or t.is_closing()} reading_paused={self.reading_paused} "
+                f"responded={self.responded} tcp={tcp}")
+
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
@@ -217,13 +235,22 @@ class UpstreamPool:
             self.connect_failures += 1
             what = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
             raise UpstreamConnectError(f"cannot connect to {key[0]}:{key[1]}: {what}") from exc
+        if conn.closed or transport.is_closing():
+            # the peer accepted and closed (a pod stopping, a full listener) before this task resumed:
+            # nothing was sent, so it is a refused connect, not a request lost on the way
+            self.connect_failures += 1
+            raise UpstreamConnectError(f"cannot connect to {key[0]}:{key[1]}: closed by the peer as soon as it was accepted")
         if tls is None:
             return conn
         cause: BaseException | None = None
         try:
-            secured = await loop.start_tls(transport, conn, tls, ssl_handshake_timeout=self.connect_timeout_s,
-                                           ssl_shutdown_timeout=self.connect_timeout_s)
+            # start_tls on a transport already lost never completes on its own (its handshake timeout
+            # cannot abort a closed transport): checked above in this same step, and bounded here too
+            async with asyncio.timeout(self.connect_timeout_s + 0.5):
+                secured = await loop.start_tls(transport, conn, tls, ssl_handshake_timeout=self.connect_timeout_s,
+                                               ssl_shutdown_timeout=self.connect_timeout_s)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            transport.abort()
             secured, cause = None, exc
         if secured is None or secured.is_closing():
             # (a peer that closes cleanly mid-handshake ends it without an exception)
