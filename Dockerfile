@@ -37,7 +37,7 @@ ENV PATH=/opt/sidemesh/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sb
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 # app 8080; sidecar outbound 15001, inbound 15006 (mutual TLS), admin 15000; control plane gRPC 15010
-# (mutual TLS), identity 15012 (join tokens), HTTP 15014
-EXPOSE 8080 15000 15001 15006 15010 15012 15014
+# (mutual TLS), identity 15012 (join tokens), HTTP 15014; dashboard 15080 (and song's front door)
+EXPOSE 8080 15000 15001 15006 15010 15012 15014 15080
 ENTRYPOINT ["sidemesh"]
 CMD ["--help"]

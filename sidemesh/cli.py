@@ -18,7 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kill": ("sidemesh.ctl", "SIGKILL a component of the running `sidemesh up` (like docker compose kill)"),
     "stop": ("sidemesh.ctl", "stop (SIGTERM) a component of the running `sidemesh up`"),
     "start": ("sidemesh.ctl", "start a stopped component of the running `sidemesh up`"),
-    "status": ("sidemesh.status", "show the control plane and every sidecar: mode, route version, age"),
+    "status": ("sidemesh.status", "show the control plane and every sidecar: mode, route version, age (--watch)"),
+    "dashboard": ("sidemesh.dashboard.app", "serve a live web page of the mesh (graph, modes, timeline) on :15080"),
     "fault": ("sidemesh.ctl", "inject a fault into the control plane (empty-snapshot, drop-service NAME, clear)"),
     "demo": ("sidemesh.demo", "drills under load: `demo failover` (a control-plane outage), "
              "`demo chaos` (seeded random faults)"),

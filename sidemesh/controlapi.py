@@ -1,7 +1,7 @@
 """The control API of a running ``sidemesh up`` (aiohttp), steered by ``sidemesh scale/kill/stop/start``.
 
     GET  /pods    every unit: name, kind, service, replica, address, ports, state, ready, pids
-    GET  /mesh    where the control plane, DNS server, published port and logs are
+    GET  /mesh    where the control plane, DNS server, dashboard, published port and logs are
     POST /scale   {"service": "artist", "replicas": 3}
     POST /kill    {"name": "artist-2"}        SIGKILL (like docker compose kill)
     POST /stop    {"name": "controlplane"}    SIGTERM, wait, SIGKILL stragglers
@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from sidemesh.adminauth import AdminPolicy, admin_middleware, policy_from_env
-from sidemesh.layout import CP_HTTP_PORT, DNS_API_PORT, DNS_PORT, GRPC_PORT, HostPort
+from sidemesh.layout import CP_HTTP_PORT, DASHBOARD, DNS_API_PORT, DNS_PORT, GRPC_PORT, HostPort, http_url
 from sidemesh.supervisor import ActionError, Supervisor
 
 SUPERVISOR_KEY: web.AppKey[Supervisor] = web.AppKey("supervisor", Supervisor)
@@ -37,6 +37,7 @@ def error(message: str, status: int) -> web.Response:
 def mesh_info(sup: Supervisor, control: HostPort) -> dict[str, Any]:
     """Addresses of the mesh's parts, for `sidemesh status/fault` and people."""
     lay = sup.layout
+    dash = sup.units.get(DASHBOARD)
     return {
         "subnet": lay.subnet,
         "control": str(control),
@@ -45,6 +46,7 @@ def mesh_info(sup: Supervisor, control: HostPort) -> dict[str, Any]:
         "dns": {"address": lay.dns_address, "server": f"{lay.dns_address}:{DNS_PORT}",
                 "api": f"{lay.dns_address}:{DNS_API_PORT}", "zone": lay.zone, "ttl": lay.dns_ttl},
         "publish": str(lay.publish),
+        "dashboard": None if dash is None else http_url(HostPort(dash.spec.address, dash.spec.ports["http"])),
         "log_dir": str(sup.log_dir),
         "records": sup.records(),
     }

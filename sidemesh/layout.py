@@ -12,6 +12,11 @@ own IP. The layout is a pure function of the subnet:
     artist-2        127.10.1.2           127.150.7.12   (service index * 10 + replica)
     song-1          127.10.2.1           127.150.7.21
     image-1         127.10.3.1           127.150.7.31
+    dashboard       127.0.0.1:15080      (``--dashboard``; tests give each mesh its own)
+
+The dashboard is not a part of the mesh: it is a reader of every sidecar's admin API and of the
+control API, started once the mesh is ready (never part of "ready"), and left out when its
+port is taken (the mesh does not need it to serve). Hence not in ``initial_units``.
 
 Everything here is pure (no I/O): the supervisor asks this module what to run,
 which replicas a scale starts or stops, and what DNS should answer.
@@ -37,6 +42,7 @@ CP_HTTP_PORT = 15014
 DNS_PORT = 15053
 DNS_API_PORT = 15054
 CONTROL_PORT = 15100
+DASHBOARD_PORT = 15080
 
 # who may call whom in the demo: exactly the calls it makes (song aggregates artist and image)
 DEMO_ALLOW: tuple[str, ...] = ("song->artist", "song->image")
@@ -46,9 +52,13 @@ DEFAULT_SUBNET = "127.10"
 DEFAULT_PUBLISH = "127.0.0.1:8080"
 DEFAULT_ZONE = "mesh.local"
 DEFAULT_DNS_TTL = 2.0
+DEFAULT_DASHBOARD = f"127.0.0.1:{DASHBOARD_PORT}"
 
 CONTROLPLANE = "controlplane"
 DNS = "dns"
+DASHBOARD = "dashboard"
+# what turns the dashboard off in ``--dashboard``
+DASHBOARD_OFF = ("0", "off", "none", "no")
 
 MAX_REPLICAS_WIDE = 254  # /16 subnet: the replica is the last octet
 MAX_REPLICAS_NARROW = 9  # /24 subnet: the last octet is index * 10 + replica
@@ -85,6 +95,21 @@ def parse_hostport(text: str, *, default_port: int | None = None) -> HostPort:
     if not 0 < port < 65536:
         raise LayoutError(f"{text!r}: port {port} out of range 1-65535")
     return HostPort(host.strip("[]"), port)
+
+
+def parse_dashboard(text: str) -> HostPort | None:
+    """``--dashboard``: ``HOST:PORT``, a bare ``PORT`` (on 127.0.0.1), or ``0``/``off`` for none."""
+    text = text.strip()
+    if text.lower() in DASHBOARD_OFF:
+        return None
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    return parse_hostport(text, default_port=DASHBOARD_PORT)
+
+
+def http_url(at: HostPort, path: str = "/") -> str:
+    host = f"[{at.host}]" if ":" in at.host else at.host
+    return f"http://{host}:{at.port}{path}"
 
 
 def parse_subnet(text: str) -> tuple[int, ...]:
@@ -140,7 +165,7 @@ class UnitSpec:
     """Something `sidemesh kill/stop/start` can name: the control plane, DNS, or one pod."""
 
     name: str
-    kind: str  # controlplane | dns | pod
+    kind: str  # controlplane | dns | pod | dashboard
     address: str
     ports: Mapping[str, int]
     processes: tuple[ProcessSpec, ...]
@@ -273,6 +298,11 @@ class MeshLayout:
         return UnitSpec(name, "pod", addr, ports,
                         (ProcessSpec("app", app), ProcessSpec("sidecar", tuple(sidecar))),
                         service=service, replica=replica)
+
+    def dashboard(self, listen: HostPort, control: HostPort) -> UnitSpec:
+        """``sidemesh dashboard`` on ``listen``, finding the sidecars through this mesh's control API."""
+        args = ("dashboard", "--listen", str(listen), "--control", str(control))
+        return UnitSpec(DASHBOARD, "dashboard", listen.host, {"http": listen.port}, (ProcessSpec("main", args),))
 
     def identity_paths(self) -> IdentityPaths:
         if not self.state_dir:

@@ -1,7 +1,7 @@
 """The process supervisor behind ``sidemesh up``: starts, signals and watches real processes.
 
-Theory of operation: every unit (control plane, DNS server, pod = app + sidecar)
-is a set of ``python -m sidemesh ...`` child processes in their own session (so a
+Theory of operation: every unit (control plane, DNS server, pod = app + sidecar,
+dashboard) is a set of ``python -m sidemesh ...`` child processes in their own session (so a
 Ctrl-C in the terminal reaches only us, and we stop them in order), each writing
 to its own log file. A watcher task per process notices exits; an exit we did not
 ask for is reported (``event=process_exited``) and never restarted, because in a
@@ -38,11 +38,13 @@ from sidemesh.layout import (
     APP_PORT,
     CP_HTTP_PORT,
     DNS_API_PORT,
+    HostPort,
     LayoutError,
     MeshLayout,
     UnitSpec,
     check_replicas,
     dns_records,
+    http_url,
     plan_scale,
     resolve_target,
 )
@@ -158,11 +160,12 @@ class Supervisor:
         self._records_task = asyncio.create_task(self._records_loop(), name="dns-records")
 
     async def start_all(self, specs: Iterable[UnitSpec]) -> None:
-        """Start every unit at once (readiness is awaited separately with ``wait_ready``)."""
+        """Start these units at once (readiness is awaited separately with ``wait_ready``)."""
         async with self._lock:
-            for spec in specs:
-                self.units[spec.name] = Unit(spec)
-            await asyncio.gather(*(self._spawn(u) for u in self.units.values()))
+            units = [Unit(spec) for spec in specs]
+            for u in units:
+                self.units[u.spec.name] = u
+            await asyncio.gather(*(self._spawn(u) for u in units))
 
     async def wait_ready(self, names: Iterable[str] | None = None, timeout: float = READY_TIMEOUT_S) -> dict[str, float | None]:
         """Poll until the named units answer; returns name -> seconds it took (None if never)."""
@@ -178,8 +181,9 @@ class Supervisor:
         self._closing = True
         async with self._lock:
             # pods first, so sidecars leave while the control plane still hears them (and do not
-            # fail over to DNS on the way out); then the control plane and the DNS server
-            for kinds in (("pod",), ("controlplane", "dns")):
+            # fail over to DNS on the way out); then the control plane and the DNS server. The
+            # dashboard, which only reads, goes with the pods.
+            for kinds in (("pod", "dashboard"), ("controlplane", "dns")):
                 await asyncio.gather(*(self._signal_unit(u, signal.SIGTERM, "stopped")
                                        for u in self.units.values() if u.spec.kind in kinds))
         if self._issuer is not None:
@@ -398,6 +402,9 @@ class Supervisor:
             return await self._http_ok(f"http://{spec.address}:{CP_HTTP_PORT}/healthz")
         if spec.kind == "dns":
             return await self._http_ok(f"http://{spec.address}:{DNS_API_PORT}/records")
+        if spec.kind == "dashboard":
+            # 200 once it has asked the mesh a whole round
+            return await self._http_ok(http_url(HostPort(spec.address, spec.ports["http"]), "/healthz"))
         checks = [_port_open(spec.address, APP_PORT), self._http_ok(f"http://{spec.address}:{ADMIN_PORT}/ready")]
         if "publish" in spec.ports:
             checks.append(_port_open(self.layout.publish.host, self.layout.publish.port))

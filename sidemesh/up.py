@@ -6,6 +6,13 @@ answer, prints what is where and the curl line, then serves the control API that
 ``sidemesh scale/kill/stop/start/status`` talk to. Ctrl-C or SIGTERM stops every
 process it started and exits 0. A busy address or port is reported before
 anything starts, with exit status 1.
+
+Beside the mesh it runs ``sidemesh dashboard`` (``--dashboard``, default
+127.0.0.1:15080), started once the mesh is ready, so it costs the start-up nothing (on
+a busy machine one more Python process starting with the others delays them), and its
+URL is printed as soon as it answers ``/healthz``. A dashboard port that is taken, or
+a dashboard that does not answer within ``--ready-timeout``, is a warning, not a
+failure: the mesh runs without it.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from identity.store import ensure_tokens, load_or_create_ca
 from sidemesh.console import LogTailer, mesh_table
 from sidemesh.controlapi import make_app
 from sidemesh.layout import (
+    DASHBOARD,
     DEFAULT_CERT_TTL,
+    DEFAULT_DASHBOARD,
     DEFAULT_DNS_TTL,
     DEFAULT_PUBLISH,
     DEFAULT_SUBNET,
@@ -43,6 +52,8 @@ from sidemesh.layout import (
     LayoutError,
     SERVICES,
     MeshLayout,
+    http_url,
+    parse_dashboard,
     parse_hostport,
     parse_replicas,
 )
@@ -52,6 +63,7 @@ ENV_SUBNET = "SIDEMESH_SUBNET"
 ENV_PUBLISH = "SIDEMESH_PUBLISH"
 ENV_CONTROL = "SIDEMESH_CONTROL"
 ENV_LOG_DIR = "SIDEMESH_LOG_DIR"
+ENV_DASHBOARD = "SIDEMESH_DASHBOARD_LISTEN"  # the same variable `sidemesh dashboard --listen` reads
 
 log = logging.getLogger("sidemesh.up")
 
@@ -64,6 +76,7 @@ class UpConfig:
     log_dir: Path | None
     console: str
     ready_timeout: float
+    dashboard: HostPort | None = None  # where `sidemesh dashboard` listens; None: not started
 
 
 def parse_args(argv: Sequence[str]) -> UpConfig:
@@ -100,8 +113,14 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
                    help="lifetime of workload certificates, e.g. 20s, 90m, 24h (renewed at half-life); default %(default)s")
     p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S,
                    help="seconds to wait for every component to answer before warning; default %(default)s")
+    p.add_argument("--dashboard", default=os.environ.get(ENV_DASHBOARD, DEFAULT_DASHBOARD), metavar="[HOST:]PORT",
+                   help=f"where `sidemesh dashboard` serves its page (a bare port is on 127.0.0.1; 0 or off: no "
+                   f"dashboard); a port already taken is a warning and the mesh starts without it; env "
+                   f"{ENV_DASHBOARD}; default %(default)s")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard (same as --dashboard 0)")
     args = p.parse_args(argv)
     try:
+        dashboard = None if args.no_dashboard else parse_dashboard(args.dashboard)
         layout = MeshLayout(subnet=args.subnet, publish=parse_hostport(args.publish), zone=args.zone,
                             dns_ttl=args.dns_ttl, log_level=args.log_level, insecure=args.insecure,
                             cert_ttl=args.cert_ttl)
@@ -112,7 +131,7 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
     if args.dns_ttl <= 0:
         p.error("--dns-ttl must be positive")
     return UpConfig(layout, replicas, control, Path(args.log_dir) if args.log_dir else None,
-                    args.console, args.ready_timeout)
+                    args.console, args.ready_timeout, dashboard)
 
 
 def busy_sockets(sockets: Sequence[tuple[str, str, int]]) -> list[str]:
@@ -145,6 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               + "\n(is another `sidemesh up` running? stop it, or use other --subnet/--publish/--control)",
               file=sys.stderr)
         return 1
+    why = dashboard_problem(config)
+    if why:
+        print(f"sidemesh up: warning: not starting the dashboard: {why}; the mesh starts without it "
+              f"(pick another with --dashboard [HOST:]PORT, or --no-dashboard)", file=sys.stderr, flush=True)
+        config = dataclasses.replace(config, dashboard=None)
     log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="sidemesh-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     if not config.layout.insecure:
@@ -154,6 +178,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"sidemesh up: cannot prepare the mesh's identity in {log_dir / 'identity'}: {exc}", file=sys.stderr)
             return 1
     return uvloop.run(run(config, log_dir, started=t0))
+
+
+def dashboard_problem(config: UpConfig) -> str | None:
+    """Why the dashboard cannot listen where asked, or None. Checked before anything starts; the
+    mesh never depends on the answer."""
+    at = config.dashboard
+    if at is None:
+        return None
+    if at == config.layout.publish:
+        return f"{at} is also the published address (--publish)"
+    if at == config.control:
+        return f"{at} is also the control API (--control)"
+    busy = busy_sockets([("tcp", at.host, at.port)])
+    return busy[0] + " (another `sidemesh up` or `sidemesh dashboard`?)" if busy else None
 
 
 def prepare_identity(config: UpConfig, state_dir: Path) -> UpConfig:
@@ -186,6 +224,7 @@ async def run(config: UpConfig, log_dir: Path, *, started: float) -> int:
     tailer = LogTailer(lambda: {p.log_path: f"{u.spec.name}{'' if r == 'main' else '/' + r}"
                                 for u in sup.units.values() for r, p in u.procs.items()}, mode=config.console)
     tail_task = asyncio.create_task(tailer.run(), name="log-tail")
+    dash_task: asyncio.Task[None] | None = None
     try:
         await sup.start_all(config.layout.initial_units(config.replicas))
         ready = asyncio.create_task(sup.wait_ready(timeout=config.ready_timeout))
@@ -193,11 +232,16 @@ async def run(config: UpConfig, log_dir: Path, *, started: float) -> int:
         await asyncio.wait({ready, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
             _announce(config, sup, ready.result(), time.monotonic() - started)
+            if config.dashboard is not None:
+                await sup.start_all([config.layout.dashboard(config.dashboard, config.control)])
+                dash_task = asyncio.create_task(_watch_dashboard(config, sup), name="dashboard-ready")
         else:
             ready.cancel()
         await stop_wait
         print("sidemesh up: stopping every process...", flush=True)
     finally:
+        if dash_task is not None:
+            dash_task.cancel()
         await sup.close()
         await tailer.poll()
         tail_task.cancel()
@@ -205,6 +249,22 @@ async def run(config: UpConfig, log_dir: Path, *, started: float) -> int:
     left = sup.child_pids()
     print("sidemesh up: stopped" + (f" (still alive: {left})" if left else ""), flush=True)
     return 0
+
+
+async def _watch_dashboard(config: UpConfig, sup: Supervisor) -> None:
+    """Print the dashboard's URL once it answers; when it never does (its port taken after all, a
+    crash), say so: a warning only."""
+    assert config.dashboard is not None
+    url = http_url(config.dashboard)
+    answered = (await sup.wait_ready([DASHBOARD], timeout=config.ready_timeout))[DASHBOARD]
+    if answered is not None:
+        log.info("event=dashboard_ready url=%s after_s=%.2f", url, answered)
+        print(f"dashboard: {url}", flush=True)
+        return
+    unit = sup.units[DASHBOARD]
+    logs = ", ".join(str(p.log_path) for p in unit.procs.values())
+    print(f"sidemesh up: warning: the dashboard ({url}) is {unit.state} and did not "
+          f"answer within {config.ready_timeout:g} s; the mesh runs without it (its log: {logs})", flush=True)
 
 
 def _announce(config: UpConfig, sup: Supervisor, ready: dict[str, float | None], elapsed: float) -> None:

@@ -113,8 +113,17 @@ class Mesh:
             print(f"----- {f.name} -----\n{f.read_text(errors='replace')[-3000:]}")
 
 
+def dashboard_args(subnet: str, extra: tuple[str, ...], dashboard: bool) -> tuple[str, ...]:
+    """No dashboard unless the test asks for one (one more process polling every sidecar is load
+    the timing tests need not carry); when asked, on the mesh's own address beside its control
+    API, never the default 127.0.0.1:15080, which a user's `sidemesh up` may hold."""
+    if any(a.startswith(("--dashboard", "--no-dashboard")) for a in extra):
+        return ()
+    return ("--dashboard", f"{subnet}.1:15080") if dashboard else ("--no-dashboard",)
+
+
 @contextmanager
-def running_mesh(*extra: str, dns_ttl: str = "1") -> Iterator[Mesh]:
+def running_mesh(*extra: str, dns_ttl: str = "1", dashboard: bool = False) -> Iterator[Mesh]:
     group = ProcessGroup()
     subnet = loopback_subnet()
     publish_host = loopback_address()
@@ -122,7 +131,8 @@ def running_mesh(*extra: str, dns_ttl: str = "1") -> Iterator[Mesh]:
     control = f"{subnet}.1:15100"
     t0 = time.monotonic()
     proc = group.start("up", "up", "--subnet", subnet, "--publish", publish, "--control", control,
-                       "--dns-ttl", dns_ttl, "--log-dir", str(group.logdir / "mesh"), *extra)
+                       "--dns-ttl", dns_ttl, "--log-dir", str(group.logdir / "mesh"),
+                       *dashboard_args(subnet, extra, dashboard), *extra)
     mesh = None
     try:
         deadline = t0 + 20
@@ -187,7 +197,7 @@ def restore_steady(mesh: Mesh, *, artists: int = 1, timeout: float = 20.0) -> No
 
 
 @contextmanager
-def booting_mesh(*extra: str, dns_ttl: str = "1") -> Iterator[Mesh]:
+def booting_mesh(*extra: str, dns_ttl: str = "1", dashboard: bool = False) -> Iterator[Mesh]:
     """A fresh `sidemesh up`, handed over the moment its process is spawned: nothing answers yet and
     nobody waited for "mesh ready", so a test sees the mesh converge. ``ready_s`` is NaN."""
     group = ProcessGroup()
@@ -196,7 +206,8 @@ def booting_mesh(*extra: str, dns_ttl: str = "1") -> Iterator[Mesh]:
     publish = f"{publish_host}:{free_port(publish_host)}"
     control_addr = f"{subnet}.1:15100"
     proc = group.start("up", "up", "--subnet", subnet, "--publish", publish, "--control", control_addr,
-                       "--dns-ttl", dns_ttl, "--log-dir", str(group.logdir / "mesh"), *extra)
+                       "--dns-ttl", dns_ttl, "--log-dir", str(group.logdir / "mesh"),
+                       *dashboard_args(subnet, extra, dashboard), *extra)
     try:
         yield Mesh(proc, subnet, control_addr, publish, float("nan"), group.logdir / "mesh")
     finally:

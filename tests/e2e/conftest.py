@@ -103,12 +103,18 @@ class Mesh:
     compose: list[str]
     port: int
     controlplane_port: int
+    dashboard_port: int
     env: dict[str, str]
     _ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """The compose service ``dashboard``, published on the host's loopback."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def run(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``docker compose -p sidemesh-e2e ARGS``; raises with its output when it fails."""
@@ -249,10 +255,10 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
     """The compose deployment, built and up, every sidecar on the control plane."""
     _build_image()
     compose = compose_command()
-    port, cp_port = free_port(), free_port()
+    port, cp_port, dash_port = free_port(), free_port(), free_port()
     env = {**os.environ, "SIDEMESH_PORT": str(port), "SIDEMESH_CONTROLPLANE_HTTP_PORT": str(cp_port),
-           "SIDEMESH_IMAGE": IMAGE, "SIDEMESH_ADMIN_TOKEN": ADMIN_TOKEN}
-    mesh = Mesh(compose, port, cp_port, env)
+           "SIDEMESH_DASHBOARD_PORT": str(dash_port), "SIDEMESH_IMAGE": IMAGE, "SIDEMESH_ADMIN_TOKEN": ADMIN_TOKEN}
+    mesh = Mesh(compose, port, cp_port, dash_port, env)
     mesh.down()  # a project left over by an interrupted earlier run
     failures_before = request.session.testsfailed
     try:

@@ -258,6 +258,57 @@ def test_status_from_inside_song_sidecar_lists_every_sidecar_while_the_control_p
     assert "MODE" in table and table.count("dns") >= 4, table
 
 
+def _dashboard_json(mesh: Mesh, path: str) -> Any:
+    """GET a path of the compose dashboard from the host (no proxy), decoded; raises on non-200."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(mesh.dashboard_url + path, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _poll(what: str, check: Any, timeout: float, interval: float = 0.2) -> Any:
+    """``check()`` -> (done, value) until done (errors count as not yet); the value."""
+    start = time.monotonic()
+    last: object = None
+    while time.monotonic() - start < timeout:
+        try:
+            done, last = check()
+        except (OSError, ValueError) as exc:
+            done, last = False, exc
+        if done:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what} not within {timeout}s (last: {last!r})")
+
+
+def test_the_compose_dashboard_lists_every_sidecar_and_keeps_showing_them_while_the_control_plane_is_down(
+    healthy_mesh: Mesh,
+) -> None:
+    """Issue 14: compose runs the dashboard as a service on 127.0.0.1:15080 (here a free port)."""
+    mesh = healthy_mesh
+    everyone = {"artist-1", "artist-2", "image-1", "song-1"}
+    health = _poll("the dashboard's /healthz", lambda: (True, _dashboard_json(mesh, "/healthz")), 60)
+    assert health["ok"] is True and health["rounds"] >= 1, health
+
+    def view(mode: str, reachable: bool) -> tuple[bool, Any]:
+        v = _dashboard_json(mesh, "/api/view")["view"]
+        return bool(v and {s["instance"] for s in v["sidecars"]} == everyone
+                    and {s["mode"] for s in v["sidecars"]} == {mode}
+                    and v["controlplane"]["reachable"] is reachable), v
+
+    steady = _poll("every sidecar on the dashboard in controlplane mode", lambda: view("controlplane", True), 20)
+    print(f"\n[dashboard] {steady['source']}: {sorted((s['instance'], s['mode']) for s in steady['sidecars'])}")
+    assert steady["source"] == "sidecar admin at song:15000"
+    assert steady["controlplane"]["address"] == "controlplane:15014"
+
+    killed = time.monotonic()
+    mesh.run("kill", "controlplane")
+    outage = _poll("every sidecar on the dashboard in dns mode", lambda: view("dns", False), 10, 0.1)
+    print(f"[dashboard] every sidecar dns on the dashboard {time.monotonic() - killed:.2f}s after "
+          f"`kill controlplane` was issued")
+    assert {s["reachable"] for s in outage["sidecars"]} == {True}
+    assert _dashboard_json(mesh, "/healthz")["ok"] is True
+
+
 def test_demo_failover_against_compose_kills_and_starts_the_container_without_a_failure(
     healthy_mesh: Mesh, tmp_path: Path
 ) -> None:

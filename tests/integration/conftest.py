@@ -11,8 +11,10 @@ from tests.mesh import Mesh, running_mesh
 
 @pytest.fixture(scope="module")
 def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
-    """One real `sidemesh up` per test module; its logs are printed if a test of the module failed."""
-    with running_mesh() as m:
+    """One real `sidemesh up` per test module; its logs are printed if a test of the module failed.
+
+    With its dashboard only in a module that sets ``MESH_WITH_DASHBOARD = True``."""
+    with running_mesh(dashboard=getattr(request.module, "MESH_WITH_DASHBOARD", False)) as m:
         yield m
         if any(getattr(item, "rep_call", None) and item.rep_call.failed for item in request.session.items
                if item.module is request.module):

@@ -13,6 +13,7 @@ import collections
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.request
@@ -22,11 +23,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.mesh import Mesh
-from tests.support import REPO, loopback_subnet
+from tests.mesh import Mesh, first_ok, running_mesh
+from tests.support import REPO, loopback_address, loopback_subnet
 from tests.mesh import get_json as _get_json
 
 pytestmark = pytest.mark.timeout(120)
+
+MESH_WITH_DASHBOARD = True  # the module mesh runs `sidemesh up` with its dashboard (tests/mesh.py)
 
 READY_BUDGET_S = 5.0
 LOAD_CLIENTS = 50
@@ -53,9 +56,38 @@ def test_up_is_ready_within_5s_and_serves_song_details(mesh: Mesh) -> None:
     assert doc["served_by"] == "song-1"
     assert "curl " + mesh.publish + "/songs/1/details" in mesh.proc.log()
     names = {p["name"]: p for p in mesh.pods()}
-    assert set(names) == {"dns", "controlplane", "artist-1", "song-1", "image-1"}
-    assert all(p["state"] == "running" and p["ready"] for p in names.values())
+    # the dashboard starts once the mesh is ready (the next test checks it)
+    assert set(names) == {"dns", "controlplane", "artist-1", "song-1", "image-1", "dashboard"}
+    assert all(p["state"] == "running" and p["ready"] for n, p in names.items() if n != "dashboard")
     assert names["artist-1"]["app_pid"] and names["artist-1"]["sidecar_pid"]
+
+
+def test_up_starts_the_dashboard_prints_its_url_and_it_answers_healthz_and_lists_every_sidecar(mesh: Mesh) -> None:
+    url = f"http://{mesh.subnet}.1:15080/"  # tests.mesh gives every mesh its own dashboard address
+    took = first_ok(url + "healthz", timeout=10)
+    health = _get_json(url + "healthz")
+    print(f"\ndashboard {url}: /healthz 200 {took:.2f} s after `mesh ready` was seen; {health}")
+    mesh.wait_until("the dashboard's URL printed", lambda: f"\ndashboard: {url}\n" in mesh.proc.log(), timeout=2)
+    assert health["ok"] is True and health["rounds"] >= 1
+    assert _get_json(f"http://{mesh.control}/mesh")["dashboard"] == url
+    mesh.wait_until("the dashboard unit ready", lambda: mesh.unit("dashboard")["ready"], timeout=5)
+    unit = mesh.unit("dashboard")
+    assert unit["kind"] == "dashboard" and unit["address"] == f"{mesh.subnet}.1" and unit["ports"] == {"http": 15080}
+    assert _alive(unit["pid"])
+
+    seen: list[Any] = []
+
+    def steady() -> bool:
+        # the page's data is a moment: its first rounds may predate the control plane's first answer
+        seen.append(v := _get_json(url + "api/view")["view"])
+        return bool(v and {s["instance"] for s in v["sidecars"]} == {"artist-1", "song-1", "image-1"}
+                    and {s["mode"] for s in v["sidecars"]} == {"controlplane"} and v["controlplane"]["reachable"])
+
+    took = mesh.wait_until("every sidecar on the dashboard, on the control plane", steady, timeout=5)
+    print(f"the dashboard showed every sidecar on the reachable control plane {took:.2f} s later")
+    assert seen[-1]["source"] == f"sidemesh up at {mesh.control}"
+    with urllib.request.urlopen(url, timeout=2) as resp:  # the page itself
+        assert resp.status == 200 and b"sidemesh" in resp.read()
 
 
 def _inbound_count(pod: dict[str, Any]) -> float:
@@ -324,3 +356,20 @@ def test_sigterm_to_up_stops_every_child_and_exits_0(mesh: Mesh) -> None:
     print(f"\nSIGTERM: `sidemesh up` exited {code} after {time.monotonic() - t0:.2f} s; children {pids}")
     assert code == 0
     assert [pid for pid in pids if _alive(pid)] == []
+
+
+def test_a_taken_dashboard_port_is_a_warning_and_the_mesh_starts_and_serves_without_it() -> None:
+    host = loopback_address()
+    with socket.socket() as holder:
+        holder.bind((host, 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with running_mesh("--dashboard", f"{host}:{port}") as other:
+            log = other.proc.log()
+            print(f"\nsidemesh up with its dashboard port taken: ready in {other.ready_s:.2f} s")
+            assert (f"sidemesh up: warning: not starting the dashboard: {host}:{port}/tcp: already in use"
+                    in log), log
+            assert "dashboard: http://" not in log
+            assert {p["name"] for p in other.pods()} == {"dns", "controlplane", "artist-1", "song-1", "image-1"}
+            assert _get_json(f"http://{other.control}/mesh")["dashboard"] is None
+            assert _get_json(other.url("/songs/2/details"))["song"]["id"] == 2

@@ -13,6 +13,8 @@ from sidemesh.layout import (
     LayoutError,
     MeshLayout,
     dns_records,
+    http_url,
+    parse_dashboard,
     parse_hostport,
     parse_replicas,
     plan_scale,
@@ -207,3 +209,36 @@ def test_an_insecure_mesh_passes_insecure_to_everyone_and_needs_no_state() -> No
 def test_a_secure_mesh_without_a_state_directory_is_a_clear_error() -> None:
     with pytest.raises(LayoutError, match="state directory"):
         MeshLayout().controlplane()
+
+
+def test_the_dashboard_listens_where_asked_and_finds_the_mesh_through_its_control_api() -> None:
+    lay = _layout()
+    spec = lay.dashboard(HostPort("127.0.0.1", 15080), lay.default_control)
+    assert (spec.name, spec.kind, spec.address, dict(spec.ports)) == ("dashboard", "dashboard", "127.0.0.1", {"http": 15080})
+    (proc,) = spec.processes
+    assert proc.role == "main" and proc.args[0] == "dashboard"
+    assert _arg(proc.args, "--listen") == ["127.0.0.1:15080"] and _arg(proc.args, "--control") == ["127.10.0.1:15100"]
+    # not part of the mesh: not among its units, and a name `sidemesh kill/start` knows once it runs
+    assert "dashboard" not in [u.name for u in lay.initial_units({"artist": 1, "song": 1, "image": 1})]
+    assert resolve_target("dashboard", [*lay.initial_units({}), spec]) == [spec]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("127.0.0.1:15080", HostPort("127.0.0.1", 15080)),
+    ("15081", HostPort("127.0.0.1", 15081)),
+    ("127.150.7.1", HostPort("127.150.7.1", 15080)),
+    (" 0 ", None), ("off", None), ("OFF", None), ("none", None),
+])
+def test_the_dashboard_flag_takes_an_address_a_bare_port_or_off(text: str, expected: HostPort | None) -> None:
+    assert parse_dashboard(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["127.0.0.1:99999", "127.0.0.1:http", ":15080"])
+def test_a_malformed_dashboard_flag_is_a_clear_error(bad: str) -> None:
+    with pytest.raises(LayoutError):
+        parse_dashboard(bad)
+
+
+def test_http_url_brackets_an_ipv6_host() -> None:
+    assert http_url(HostPort("127.0.0.1", 15080)) == "http://127.0.0.1:15080/"
+    assert http_url(HostPort("::1", 15080), "/healthz") == "http://[::1]:15080/healthz"
