@@ -45,6 +45,8 @@ def mesh_info(sup: Supervisor, control: HostPort) -> dict[str, Any]:
         "dns": {"address": lay.dns_address, "server": f"{lay.dns_address}:{DNS_PORT}",
                 "api": f"{lay.dns_address}:{DNS_API_PORT}", "zone": lay.zone, "ttl": lay.dns_ttl},
         "publish": str(lay.publish),
+        "mesh_file": lay.mesh.source,
+        "services": list(lay.mesh.names),
         "log_dir": str(sup.log_dir),
         "records": sup.records(),
     }
