@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "service": ("services.app", "run a demo service: artist, song or image (:8080)"),
     "dns": ("sidemesh.dnsserver", "run the local authoritative DNS server for the mesh zone"),
     "identity": ("sidemesh.identitycli", "`sidemesh identity init`: the mesh CA and a join token per service"),
+    "compose": ("sidemesh.compose", "write a docker-compose.yml from a mesh file (default: the demo's)"),
+    "inject": ("sidemesh.inject", "add the sidecar to Kubernetes Pod/Deployment YAML read on stdin"),
 }
 
 

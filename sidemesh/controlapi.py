@@ -47,6 +47,8 @@ def mesh_info(sup: Supervisor, control: HostPort) -> dict[str, Any]:
                 "api": f"{lay.dns_address}:{DNS_API_PORT}", "zone": lay.zone, "ttl": lay.dns_ttl},
         "publish": str(lay.publish),
         "dashboard": None if dash is None else http_url(HostPort(dash.spec.address, dash.spec.ports["http"])),
+        "mesh_file": lay.mesh.source,
+        "services": list(lay.mesh.names),
         "log_dir": str(sup.log_dir),
         "records": sup.records(),
     }

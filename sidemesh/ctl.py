@@ -31,6 +31,14 @@ REQUEST_TIMEOUT_S = 40.0
 class CtlError(Exception):
     """A failure to report to the user as one line, exit status 1."""
 
+    exit_status = 1
+
+
+class CtlUsageError(CtlError):
+    """A command line the running mesh cannot take (a service it does not have): exit status 2."""
+
+    exit_status = 2
+
 
 EPILOG = (f"environment: {ENV_ADMIN_TOKEN}, when set, is sent as 'Authorization: Bearer <token>' with every "
           "state change; servers ask for it from addresses outside their --admin-allow (default loopback).")
@@ -80,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return uvloop.run(_run(args, str(control)))
     except CtlError as exc:
         print(f"sidemesh {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_status
 
 
 async def _run(args: argparse.Namespace, control: str) -> int:
@@ -88,10 +96,12 @@ async def _run(args: argparse.Namespace, control: str) -> int:
     async with aiohttp.ClientSession(timeout=timeout, headers=client_headers(os.environ)) as session:
         api = ControlClient(session, control)
         if args.command == "scale":
-            for item in args.counts:
-                service, sep, n = item.partition("=")
+            counts = [item.partition("=") for item in args.counts]
+            for item, (_, sep, _) in zip(args.counts, counts, strict=True):
                 if not sep:
                     raise CtlError(f"{item!r}: expected SERVICE=N, e.g. artist=3")
+            check_services([service for service, _, _ in counts], await api.get("/mesh"))
+            for service, _, n in counts:
                 print(describe_scale(await api.post("/scale", {"service": service, "replicas": n})))
         elif args.command == "fault":
             target = args.controlplane_http or (await api.get("/mesh"))["controlplane"]["http"]
@@ -135,6 +145,17 @@ class ControlClient:
         if resp.status != 200:
             raise CtlError(data.get("error", f"HTTP {resp.status}") if isinstance(data, dict) else str(data))
         return data
+
+
+def check_services(services: Sequence[str], mesh: Any) -> None:
+    """CtlUsageError naming the first of ``services`` that the running mesh (its ``/mesh``) lacks."""
+    known = mesh.get("services") if isinstance(mesh, dict) else None
+    if not isinstance(known, list):
+        return  # a `sidemesh up` that does not list its services: it checks them itself
+    for service in services:
+        if service not in known:
+            raise CtlUsageError(f"unknown service {service!r}; the mesh ({mesh.get('mesh_file', '?')}) has "
+                                f"{', '.join(map(str, known))}")
 
 
 async def post_fault(session: aiohttp.ClientSession, target: str, body: dict[str, str]) -> Any:

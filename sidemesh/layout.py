@@ -18,6 +18,10 @@ The dashboard is not a part of the mesh: it is a reader of every sidecar's admin
 control API, started once the mesh is ready (never part of "ready"), and left out when its
 port is taken (the mesh does not need it to serve). Hence not in ``initial_units``.
 
+Which services there are, in which order, and how each app is started come from a
+mesh file (``sidemesh.meshfile``; the demo's by default): the n-th service of the file is
+service index n above, so the demo (artist, song, image) sits where it always did.
+
 Everything here is pure (no I/O): the supervisor asks this module what to run,
 which replicas a scale starts or stops, and what DNS should answer.
 """
@@ -25,27 +29,25 @@ which replicas a scale starts or stops, and what DNS should answer.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-SERVICES: tuple[str, ...] = ("artist", "song", "image")
-SERVICE_INDEX: Mapping[str, int] = {"artist": 1, "song": 2, "image": 3}
-PUBLISHED_SERVICE = "song"
+from sidemesh.meshfile import MeshSpec, demo_mesh, pod_values, render, runs_sidemesh
+from sidemesh.ports import (
+    ADMIN_PORT,
+    APP_PORT,
+    CONTROL_PORT,
+    CP_HTTP_PORT,
+    DASHBOARD_PORT,
+    DNS_API_PORT,
+    DNS_PORT,
+    GRPC_PORT,
+    IDENTITY_PORT,
+    INBOUND_PORT,
+    OUTBOUND_PORT,
+)
 
-APP_PORT = 8080
-OUTBOUND_PORT = 15001
-INBOUND_PORT = 15006
-ADMIN_PORT = 15000
-GRPC_PORT = 15010
-IDENTITY_PORT = 15012
-CP_HTTP_PORT = 15014
-DNS_PORT = 15053
-DNS_API_PORT = 15054
-CONTROL_PORT = 15100
-DASHBOARD_PORT = 15080
-
-# who may call whom in the demo: exactly the calls it makes (song aggregates artist and image)
-DEMO_ALLOW: tuple[str, ...] = ("song->artist", "song->image")
+# the ports are named in sidemesh.ports; imported from here too by the rest of `up`
 DEFAULT_CERT_TTL = "24h"
 
 DEFAULT_SUBNET = "127.10"
@@ -62,6 +64,11 @@ DASHBOARD_OFF = ("0", "off", "none", "no")
 
 MAX_REPLICAS_WIDE = 254  # /16 subnet: the replica is the last octet
 MAX_REPLICAS_NARROW = 9  # /24 subnet: the last octet is index * 10 + replica
+MAX_SERVICES_WIDE = 255  # /16 subnet: the service index is the third octet
+MAX_SERVICES_NARROW = 24  # /24 subnet: index * 10 + 9 <= 249
+# what an app's environment says on top of the user's (whose proxies are dropped): its
+# egress is its sidecar, and calls to itself stay in the pod
+NO_PROXY_BASE = "127.0.0.1,localhost"
 
 
 class LayoutError(ValueError):
@@ -126,17 +133,20 @@ def parse_subnet(text: str) -> tuple[int, ...]:
     return octets
 
 
-def parse_replicas(items: Iterable[str], *, max_replicas: int = MAX_REPLICAS_WIDE) -> dict[str, int]:
-    """``['artist=2', 'image=0']`` -> ``{'artist': 2, 'image': 0}`` (services not named: 1)."""
-    counts = {s: 1 for s in SERVICES}
+def parse_replicas(items: Iterable[str], *, max_replicas: int = MAX_REPLICAS_WIDE,
+                   mesh: MeshSpec | None = None) -> dict[str, int]:
+    """``['artist=2', 'image=0']`` -> ``{'artist': 2, 'image': 0}``; services not named keep
+    the mesh file's ``replicas`` (the demo's file when ``mesh`` is None)."""
+    mesh = mesh or demo_mesh()
+    counts = {s.name: check_replicas(s.name, s.replicas, max_replicas=max_replicas) for s in mesh.services}
     for item in items:
         for part in item.split(","):
             if not part.strip():
                 continue
             service, sep, count_text = part.partition("=")
             service = service.strip()
-            if not sep or service not in SERVICE_INDEX:
-                raise LayoutError(f"{part!r}: expected SERVICE=N with SERVICE one of {', '.join(SERVICES)}")
+            if not sep or service not in counts:
+                raise LayoutError(f"{part!r}: expected SERVICE=N with SERVICE one of {', '.join(mesh.names)}")
             counts[service] = check_replicas(service, count_text, max_replicas=max_replicas)
     return counts
 
@@ -154,10 +164,18 @@ def check_replicas(service: str, count: object, *, max_replicas: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class ProcessSpec:
-    """One OS process of a unit: its role ('app', 'sidecar', 'main') and arguments to `sidemesh`."""
+    """One OS process of a unit: its role ('app', 'sidecar', 'main') and its arguments.
+
+    ``program`` None: the arguments are to this sidemesh (``python -m sidemesh ARGS``);
+    otherwise the program itself, found on PATH or relative to ``cwd``. ``env`` is added to
+    the supervisor's environment; ``cwd`` None: the supervisor's own.
+    """
 
     role: str
     args: tuple[str, ...]
+    program: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +228,15 @@ class MeshLayout:
     insecure: bool = False
     state_dir: str = ""
     cert_ttl: str = DEFAULT_CERT_TTL
+    # the services, their apps and who may call whom (the demo's mesh file unless given)
+    mesh: MeshSpec = field(default_factory=demo_mesh)
 
     def __post_init__(self) -> None:
         parse_subnet(self.subnet)
+        most = MAX_SERVICES_NARROW if self.narrow else MAX_SERVICES_WIDE
+        if len(self.mesh.services) > most:
+            raise LayoutError(f"{self.mesh.source}: {len(self.mesh.services)} services, but subnet {self.subnet} "
+                              f"has room for {most}")
 
     @property
     def narrow(self) -> bool:
@@ -246,11 +270,11 @@ class MeshLayout:
         return self._host(0, 3)
 
     def pod_address(self, service: str, replica: int) -> str:
-        if service not in SERVICE_INDEX:
-            raise LayoutError(f"unknown service {service!r}; known: {', '.join(SERVICES)}")
+        if service not in self.mesh.names:
+            raise LayoutError(f"unknown service {service!r}; known: {', '.join(self.mesh.names)}")
         if not 1 <= replica <= self.max_replicas:
             raise LayoutError(f"{service}-{replica}: replica out of range 1-{self.max_replicas}")
-        return self._host(SERVICE_INDEX[service], replica)
+        return self._host(self.mesh.index(service), replica)
 
     def controlplane(self) -> UnitSpec:
         addr = self.controlplane_address
@@ -261,7 +285,13 @@ class MeshLayout:
         else:
             paths = self.identity_paths()
             args += ("--ca-dir", paths.ca_dir, "--join-tokens", paths.tokens_dir, "--cert-ttl", self.cert_ttl,
-                     "--identity-port", str(IDENTITY_PORT), "--allow", ",".join(DEMO_ALLOW))
+                     "--identity-port", str(IDENTITY_PORT))
+            if self.mesh.allow:
+                args += ("--allow", ",".join(self.mesh.allow))
+        for spec in self.mesh.services:
+            policy = spec.policy.flag(spec.name)
+            if policy:
+                args += ("--policy", policy)
         ports = {"grpc": GRPC_PORT, "http": CP_HTTP_PORT} | ({} if self.insecure else {"identity": IDENTITY_PORT})
         return UnitSpec(CONTROLPLANE, "controlplane", addr, ports,
                         (ProcessSpec("main", args),))
@@ -272,15 +302,28 @@ class MeshLayout:
                 "--zone", self.zone, "--ttl", _num(self.dns_ttl))
         return UnitSpec(DNS, "dns", addr, {"dns": DNS_PORT, "api": DNS_API_PORT}, (ProcessSpec("main", args),))
 
+    def app(self, service: str, replica: int) -> ProcessSpec:
+        """The app of one pod, from the mesh file's command, listening on the pod's address."""
+        spec = self.mesh.service(service)
+        addr = self.pod_address(service, replica)
+        proxy = f"http://{addr}:{OUTBOUND_PORT}"
+        values = pod_values(spec, replica, host=addr, proxy=proxy)
+        argv = tuple(render(a, values) for a in spec.command)
+        no_proxy = f"{NO_PROXY_BASE},{addr}"
+        env = {k: render(v, values) for k, v in spec.env.items()} | {
+            "HTTP_PROXY": proxy, "http_proxy": proxy, "NO_PROXY": no_proxy, "no_proxy": no_proxy}
+        if runs_sidemesh(argv):
+            return ProcessSpec("app", argv[1:], env=env)
+        return ProcessSpec("app", argv[1:], program=argv[0], env=env, cwd=self.mesh.directory)
+
     def pod(self, service: str, replica: int) -> UnitSpec:
         addr = self.pod_address(service, replica)
         name = pod_name(service, replica)
-        app = ("service", service, "--host", addr, "--port", str(APP_PORT), "--instance", name,
-               "--proxy", f"http://{addr}:{OUTBOUND_PORT}")
+        port = self.mesh.service(service).port
         sidecar = ["sidecar", "--service", service, "--instance", name, "--address", addr,
                    "--listen", addr, "--outbound-listen", addr,
                    "--outbound-port", str(OUTBOUND_PORT), "--inbound-port", str(INBOUND_PORT),
-                   "--admin-port", str(ADMIN_PORT), "--app", f"{addr}:{APP_PORT}",
+                   "--admin-port", str(ADMIN_PORT), "--app", f"{addr}:{port}",
                    "--controlplane", f"{self.controlplane_address}:{GRPC_PORT}",
                    "--dns-server", f"{self.dns_address}:{DNS_PORT}",
                    "--dns-template", "{service}." + self.zone]
@@ -290,13 +333,13 @@ class MeshLayout:
             paths = self.identity_paths()
             sidecar += ["--identity-dir", f"{paths.pods_dir}/{name}", "--join-token-file", f"{paths.tokens_dir}/{service}",
                         "--trust-bundle", paths.bundle, "--identity-port", str(IDENTITY_PORT)]
-        ports = {"app": APP_PORT, "outbound": OUTBOUND_PORT, "inbound": INBOUND_PORT, "admin": ADMIN_PORT}
-        if service == PUBLISHED_SERVICE and replica == 1:
-            # only song-1 can hold the published port: two processes cannot bind it
+        ports = {"app": port, "outbound": OUTBOUND_PORT, "inbound": INBOUND_PORT, "admin": ADMIN_PORT}
+        if self.mesh.publish is not None and service == self.mesh.publish.service and replica == 1:
+            # only the first replica can hold the published port: two processes cannot bind it
             sidecar += ["--extra-inbound", str(self.publish)]
             ports["publish"] = self.publish.port
         return UnitSpec(name, "pod", addr, ports,
-                        (ProcessSpec("app", app), ProcessSpec("sidecar", tuple(sidecar))),
+                        (self.app(service, replica), ProcessSpec("sidecar", tuple(sidecar))),
                         service=service, replica=replica)
 
     def dashboard(self, listen: HostPort, control: HostPort) -> UnitSpec:
@@ -312,8 +355,8 @@ class MeshLayout:
     def initial_units(self, replicas: Mapping[str, int]) -> list[UnitSpec]:
         """DNS, control plane, then every pod of ``replicas`` (service -> count)."""
         units = [self.dns(), self.controlplane()]
-        for service in SERVICES:
-            units += [self.pod(service, r) for r in range(1, replicas.get(service, 1) + 1)]
+        for service in self.mesh.services:
+            units += [self.pod(service.name, r) for r in range(1, replicas.get(service.name, 1) + 1)]
         return units
 
     def listen_sockets(self, replicas: Mapping[str, int]) -> list[tuple[str, str, int]]:
@@ -321,7 +364,8 @@ class MeshLayout:
         socks: list[tuple[str, str, int]] = [("udp", self.dns_address, DNS_PORT)]
         for unit in self.initial_units(replicas):
             socks += [("tcp", unit.address, p) for k, p in unit.ports.items() if k != "publish"]
-        socks.append(("tcp", self.publish.host, self.publish.port))
+        if self.mesh.publish is not None:
+            socks.append(("tcp", self.publish.host, self.publish.port))
         return socks
 
 
@@ -367,17 +411,19 @@ def dns_records(units: Iterable[tuple[UnitSpec, str]]) -> dict[str, list[str]]:
     return {s: sorted(a, key=ipaddress.ip_address) for s, a in sorted(records.items())}
 
 
-def resolve_target(name: str, specs: Iterable[UnitSpec]) -> list[UnitSpec]:
+def resolve_target(name: str, specs: Iterable[UnitSpec], *, services: Collection[str] | None = None) -> list[UnitSpec]:
     """The units a NAME stands for: 'controlplane', 'dns', a service (all its replicas), 'artist-2'.
 
-    Raises LayoutError naming the known names when nothing matches.
+    ``services`` are the mesh's (the demo's when None), so a service scaled to 0 is named as
+    such. Raises LayoutError naming the known names when nothing matches.
     """
     specs = list(specs)
+    known_services = demo_mesh().names if services is None else services
     exact = [s for s in specs if s.name == name]
     if exact:
         return exact
     group = sorted((s for s in specs if s.kind == "pod" and s.service == name), key=lambda s: s.replica or 0)
-    if group or name in SERVICE_INDEX:
+    if group or name in known_services:
         if not group:
             raise LayoutError(f"service {name!r} has no replicas (scale it up with `sidemesh scale {name}=1`)")
         return group

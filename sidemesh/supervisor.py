@@ -35,7 +35,6 @@ import aiohttp
 from sidemesh.localissuer import LocalIssuer
 from sidemesh.layout import (
     ADMIN_PORT,
-    APP_PORT,
     CP_HTTP_PORT,
     DNS_API_PORT,
     HostPort,
@@ -260,7 +259,7 @@ class Supervisor:
     async def _act(self, name: str, action: Callable[[Unit], Any]) -> list[dict[str, Any]]:
         async with self._lock:
             try:
-                specs = resolve_target(name, (u.spec for u in self.units.values()))
+                specs = resolve_target(name, (u.spec for u in self.units.values()), services=self.layout.mesh.names)
             except LayoutError as exc:
                 raise ActionError(str(exc), status=404) from exc
             units = [self.units[s.name] for s in specs]
@@ -283,12 +282,24 @@ class Supervisor:
             suffix = "" if pspec.role == "main" else f"-{pspec.role}"
             path = self.log_dir / f"{unit.spec.name}{suffix}.log"
             logfile = await asyncio.to_thread(open, path, "ab")
+            command = (self._python, "-m", "sidemesh") if pspec.program is None else (pspec.program,)
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    self._python, "-m", "sidemesh", *pspec.args,
+                    *command, *pspec.args,
                     stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                    env=self._env, start_new_session=True, preexec_fn=_die_with_parent,
+                    env={**self._env, **pspec.env}, cwd=pspec.cwd, start_new_session=True,
+                    preexec_fn=_die_with_parent,
                 )
+            except OSError as exc:
+                # a mesh file's program that is not there (or not executable): the unit is down,
+                # `up` goes on with the others, and the log says why
+                log.warning("event=spawn_failed name=%s process=%s program=%s error=%r",
+                            unit.spec.name, pspec.role, command[0], exc.strerror or str(exc))
+                logfile.write(f"sidemesh up: cannot run {command[0]!r}: {exc.strerror or exc}\n".encode())
+                unit.state = "exited"
+                unit.ready = False
+                self._dirty.set()
+                return
             finally:
                 logfile.close()
             running = Running(pspec.role, path, proc)
@@ -405,7 +416,11 @@ class Supervisor:
         if spec.kind == "dashboard":
             # 200 once it has asked the mesh a whole round
             return await self._http_ok(http_url(HostPort(spec.address, spec.ports["http"]), "/healthz"))
-        checks = [_port_open(spec.address, APP_PORT), self._http_ok(f"http://{spec.address}:{ADMIN_PORT}/ready")]
+        health = self.layout.mesh.service(spec.service).health if spec.service else ""
+        app = spec.ports["app"]
+        # the app answers its health path (the mesh file's `health`), or at least accepts connections
+        checks = [self._http_ok(f"http://{spec.address}:{app}{health}") if health else _port_open(spec.address, app),
+                  self._http_ok(f"http://{spec.address}:{ADMIN_PORT}/ready")]
         if "publish" in spec.ports:
             checks.append(_port_open(self.layout.publish.host, self.layout.publish.port))
         return all(await asyncio.gather(*checks))
@@ -414,6 +429,9 @@ class Supervisor:
         assert self._session is not None
         try:
             async with self._session.get(url) as resp:
+                # read the (small) body: a connection left with unread data is reset, which an
+                # app's server may log as an error
+                await resp.read()
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False

@@ -4,7 +4,9 @@ Starts the DNS server, the control plane and every pod (app + sidecar) at once,
 each on its own loopback address (see ``sidemesh.layout``), waits until all
 answer, prints what is where and the curl line, then serves the control API that
 ``sidemesh scale/kill/stop/start/status`` talk to. Ctrl-C or SIGTERM stops every
-process it started and exits 0. A busy address or port is reported before
+process it started and exits 0. The pods are the services of a mesh file
+(``-f``, ``sidemesh.meshfile``; the demo's by default). A mesh file that cannot
+be used is one line and exit status 2; a busy address or port is reported before
 anything starts, with exit status 1.
 
 Beside the mesh it runs ``sidemesh dashboard`` (``--dashboard``, default
@@ -23,6 +25,7 @@ import dataclasses
 import errno
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -50,15 +53,16 @@ from sidemesh.layout import (
     IDENTITY_PORT,
     HostPort,
     LayoutError,
-    SERVICES,
     MeshLayout,
     http_url,
     parse_dashboard,
     parse_hostport,
     parse_replicas,
 )
+from sidemesh.meshfile import MeshFileError, MeshSpec, demo_mesh, load_mesh, runs_sidemesh
 from sidemesh.supervisor import READY_TIMEOUT_S, Supervisor
 
+ENV_MESH_FILE = "SIDEMESH_MESH_FILE"
 ENV_SUBNET = "SIDEMESH_SUBNET"
 ENV_PUBLISH = "SIDEMESH_PUBLISH"
 ENV_CONTROL = "SIDEMESH_CONTROL"
@@ -83,16 +87,22 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
     p = argparse.ArgumentParser(
         prog="sidemesh up",
         description="Run the whole mesh locally in the foreground (no Docker): DNS server, control plane, "
-        "and artist, song, image each with its sidecar, every pod on its own loopback address. "
-        "Ctrl-C stops everything.",
+        "and every service of the mesh file (default: the demo's artist, song, image) with its sidecar, "
+        "every pod on its own loopback address. Ctrl-C stops everything.",
     )
+    p.add_argument("-f", "--file", default=os.environ.get(ENV_MESH_FILE), metavar="MESH.toml",
+                   help=f"the mesh file: services, their commands, ports, replicas, policy, who may call whom "
+                   f"(docs/onboarding.md); env {ENV_MESH_FILE}; default the demo's")
     p.add_argument("--replicas", action="append", default=[], metavar="SERVICE=N",
-                   help="replicas of a service (repeatable or comma-separated), e.g. --replicas artist=2; default 1 each")
+                   help="replicas of a service (repeatable or comma-separated), e.g. --replicas artist=2; "
+                   "default the mesh file's (the demo: 1 each)")
     p.add_argument("--subnet", default=os.environ.get(ENV_SUBNET, DEFAULT_SUBNET),
                    help=f"loopback prefix for the mesh: 127.A (pods at 127.A.<service>.<replica>) or 127.A.B "
                    f"(pods at 127.A.B.<service*10+replica>, at most 9 replicas); env {ENV_SUBNET}; default %(default)s")
-    p.add_argument("--publish", default=os.environ.get(ENV_PUBLISH, DEFAULT_PUBLISH), metavar="ADDR:PORT",
-                   help=f"where song-1's sidecar also listens inbound, for curl; env {ENV_PUBLISH}; default %(default)s")
+    p.add_argument("--publish", default=os.environ.get(ENV_PUBLISH), metavar="ADDR:PORT",
+                   help=f"where the front door's (the mesh file's [publish] service, the demo's song) first sidecar "
+                   f"also listens inbound, for curl; env {ENV_PUBLISH}; default 127.0.0.1:<its [publish] port> "
+                   f"({DEFAULT_PUBLISH} for the demo)")
     p.add_argument("--control", default=os.environ.get(ENV_CONTROL), metavar="ADDR:PORT",
                    help=f"address of the control API that `sidemesh scale/kill/...` use; env {ENV_CONTROL}; "
                    "default <subnet>.0.1:15100 (127.10.0.1:15100)")
@@ -120,11 +130,20 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
     p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard (same as --dashboard 0)")
     args = p.parse_args(argv)
     try:
+        mesh = load_mesh(args.file) if args.file else demo_mesh()
+        problem = missing_program(mesh)
+        if problem:
+            raise MeshFileError(problem)
+    except MeshFileError as exc:
+        # one line, no usage: the command line was fine, the file is not
+        p.exit(2, f"sidemesh up: {exc}\n")
+    publish = args.publish or (f"127.0.0.1:{mesh.publish.port}" if mesh.publish else DEFAULT_PUBLISH)
+    try:
         dashboard = None if args.no_dashboard else parse_dashboard(args.dashboard)
-        layout = MeshLayout(subnet=args.subnet, publish=parse_hostport(args.publish), zone=args.zone,
+        layout = MeshLayout(subnet=args.subnet, publish=parse_hostport(publish), zone=args.zone,
                             dns_ttl=args.dns_ttl, log_level=args.log_level, insecure=args.insecure,
-                            cert_ttl=args.cert_ttl)
-        replicas = parse_replicas(args.replicas, max_replicas=layout.max_replicas)
+                            cert_ttl=args.cert_ttl, mesh=mesh)
+        replicas = parse_replicas(args.replicas, max_replicas=layout.max_replicas, mesh=mesh)
         control = parse_hostport(args.control) if args.control else layout.default_control
     except LayoutError as exc:
         p.error(str(exc))
@@ -132,6 +151,22 @@ def parse_args(argv: Sequence[str]) -> UpConfig:
         p.error("--dns-ttl must be positive")
     return UpConfig(layout, replicas, control, Path(args.log_dir) if args.log_dir else None,
                     args.console, args.ready_timeout, dashboard)
+
+
+def missing_program(mesh: MeshSpec) -> str | None:
+    """Why a service's program cannot be run (not on PATH, not executable), or None."""
+    for spec in mesh.services:
+        if runs_sidemesh(spec.command):
+            continue
+        program = spec.command[0]
+        if os.sep in program:
+            found = os.access(os.path.join(mesh.directory, program), os.X_OK)
+        else:
+            found = shutil.which(program) is not None
+        if not found:
+            return (f"{mesh.source}: services.{spec.name}.command: program {program!r} not found "
+                    f"({'relative to ' + mesh.directory if os.sep in program else 'on PATH'}) or not executable")
+    return None
 
 
 def busy_sockets(sockets: Sequence[tuple[str, str, int]]) -> list[str]:
@@ -200,7 +235,7 @@ def prepare_identity(config: UpConfig, state_dir: Path) -> UpConfig:
     layout = dataclasses.replace(config.layout, state_dir=str(state_dir))
     paths = layout.identity_paths()
     load_or_create_ca(Path(paths.ca_dir), DEFAULT_TRUST_DOMAIN, time.time())
-    ensure_tokens(Path(paths.tokens_dir), list(SERVICES))
+    ensure_tokens(Path(paths.tokens_dir), list(layout.mesh.names))
     return dataclasses.replace(config, layout=layout)
 
 
@@ -278,7 +313,10 @@ def _announce(config: UpConfig, sup: Supervisor, ready: dict[str, float | None],
         print(f"mesh ready in {elapsed:.2f} s", flush=True)
     hint = "" if config.control == config.layout.default_control and config.layout.subnet == DEFAULT_SUBNET \
         else f" --control {config.control}"
-    print(f"\n  curl {config.layout.publish}/songs/1/details\n"
+    mesh = config.layout.mesh
+    curl = f"  curl {config.layout.publish}{mesh.publish.path}\n" if mesh.publish else ""
+    print(f"\n{curl}"
           f"  sidemesh status{hint}\n"
-          f"  sidemesh scale{hint} artist=2 | sidemesh kill{hint} controlplane | sidemesh start{hint} controlplane\n"
+          f"  sidemesh scale{hint} {mesh.names[0]}=2 | sidemesh kill{hint} controlplane | "
+          f"sidemesh start{hint} controlplane\n"
           f"  Ctrl-C stops the mesh\n", flush=True)
