@@ -1,12 +1,13 @@
 """Where answers come from: the narrow :class:`LookupBackend` interface and its dnspython implementation.
 
-A backend turns one DNS name into ``(addresses, ttl_s)`` or raises
-:class:`~dnsfallback.errors.DnsLookupError`. The cache and the refresher in
+A backend turns one DNS name into ``(addresses, ttl_s)``, and an SRV name into
+``(endpoints, ttl_s)``, or raises :class:`~dnsfallback.errors.DnsLookupError`. The cache and the refresher in
 ``resolver.py`` only ever see this interface, so unit tests pass a fake one
 (``FakeBackend`` in the tests) and the real one talks to real DNS servers.
 
 :class:`DnspythonBackend` asks for A and AAAA at the same time through
-``dns.asyncresolver`` and merges them. It is strict about what comes back: a
+``dns.asyncresolver`` and merges them; for an SRV name it asks for SRV, then for the
+addresses of the targets the additional section did not give (``srv.py`` says which). It is strict about what comes back: a
 datagram that does not parse, whose id does not match, or that is truncated
 and cannot be completed over TCP fails the lookup as ``bad_response`` at once
 instead of being skipped until the time limit (dnspython's stub default is to
@@ -41,6 +42,7 @@ from dnsfallback.errors import (
     DnsLookupError,
     Reason,
 )
+from dnsfallback.srv import SrvLookupResult, finish_srv, plan_srv
 
 log = logging.getLogger("dnsfallback.backend")
 
@@ -59,6 +61,10 @@ class LookupBackend(Protocol):
 
     async def lookup(self, name: str) -> LookupResult:
         """Addresses of ``name``; raises :class:`DnsLookupError` (service left empty)."""
+        ...
+
+    async def lookup_srv(self, name: str) -> SrvLookupResult:
+        """Endpoints of the SRV name ``name``; raises :class:`DnsLookupError` (service left empty)."""
         ...
 
 
@@ -144,6 +150,25 @@ class DnspythonBackend:
         outcomes = await asyncio.gather(*(self._query(resolver, name, rdtype) for rdtype in QUERY_TYPES))
         return merge_outcomes(name, outcomes)
 
+    async def lookup_srv(self, name: str) -> SrvLookupResult:
+        """Query SRV for ``name``, then A/AAAA of the targets whose addresses were not in the answer."""
+        resolver = await self._get_resolver(name)
+        outcome = await self._query(resolver, name, "SRV")
+        if isinstance(outcome, DnsLookupError):
+            raise outcome
+        plan = plan_srv(name, outcome.rrset, _answer_ttl(outcome), outcome.response.additional)
+        if plan.skipped:
+            log.debug("event=dns_srv_records_skipped name=%s skipped=%d", name, plan.skipped)
+        resolved = await asyncio.gather(*(self._lookup_target(target) for target, _port in plan.unresolved))
+        return finish_srv(name, plan, resolved)
+
+    async def _lookup_target(self, target: str) -> LookupResult | DnsLookupError:
+        try:
+            return await self.lookup(target)
+        except DnsLookupError as exc:
+            log.debug("event=dns_srv_target_failed target=%s reason=%s detail=%s", target, exc.reason, exc.detail)
+            return exc
+
     async def _query(
         self, resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
     ) -> dns.resolver.Answer | DnsLookupError:
@@ -221,7 +246,7 @@ def merge_outcomes(name: str, outcomes: Sequence[dns.resolver.Answer | DnsLookup
         rrset = outcome.rrset
         if rrset is None or len(rrset) == 0:
             continue
-        ttls.append(float(outcome.chaining_result.minimum_ttl))
+        ttls.append(_answer_ttl(outcome))
         for rdata in rrset:
             address = getattr(rdata, "address", None)
             if isinstance(address, str):
@@ -237,6 +262,11 @@ def merge_outcomes(name: str, outcomes: Sequence[dns.resolver.Answer | DnsLookup
         if err.is_transport_failure:
             raise err
     raise DnsLookupError("", name, NO_ANSWER, "no A or AAAA records")
+
+
+def _answer_ttl(answer: dns.resolver.Answer) -> float:
+    """The TTL of an answer: the smallest along its CNAME chain."""
+    return float(answer.chaining_result.minimum_ttl)
 
 
 def sort_addresses(addresses: Sequence[str]) -> tuple[str, ...]:

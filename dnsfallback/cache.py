@@ -12,6 +12,9 @@ in tests); nothing here reads a clock or awaits.
 * A transport failure (timeout, unreachable, SERVFAIL, garbage) keeps the old
   answer, which may then be served stale for up to ``stale_max_s`` past its
   expiry (RFC 8767, "Serving Stale Data to Improve DNS Resiliency").
+* With SRV on, an SRV answer beats the A/AAAA answer of the same service, and a transport
+  failure of SRV after an SRV answer keeps that answer (``srv_decides``): a peer's port
+  never silently turns into our own.
 * Every failure is remembered for ``negative_ttl_s`` (RFC 2308 negative
   caching; for transport failures the "failure recheck timer" of RFC 8767
   section 5), so a dead server costs one timeout per name per interval, not
@@ -21,31 +24,41 @@ in tests); nothing here reads a clock or awaits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from dnsfallback.backend import LookupResult
 from dnsfallback.config import DnsConfig
 from dnsfallback.errors import DnsLookupError
+from dnsfallback.srv import SrvLookupResult
 
 # a watched name is never re-queried more often than this, even with TTL 0 records
 MIN_REFRESH_INTERVAL_S: Final = 0.1
 
+Via = Literal["a", "srv"]
+VIA_A: Final = "a"
+VIA_SRV: Final = "srv"
+
 
 @dataclass(frozen=True, slots=True)
 class DnsAnswer:
-    """The addresses of one service as DNS gave them; times are on the resolver's clock."""
+    """The endpoints of one service as DNS gave them; times are on the resolver's clock.
+
+    ``via``: ``"srv"`` when an SRV answer gave every endpoint its own port (``name`` is then
+    the SRV name), ``"a"`` when A/AAAA records gave addresses and each got the configured port.
+    """
 
     service: str
     name: str
-    addresses: tuple[str, ...]
-    port: int
+    endpoints: tuple[tuple[str, int], ...]
     ttl_s: float
     resolved_at: float
     expires_at: float
+    via: Via = VIA_A
 
-    def endpoints(self) -> tuple[tuple[str, int], ...]:
-        """``(address, port)`` for every address, in the answer's order."""
-        return tuple((address, self.port) for address in self.addresses)
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The distinct addresses of the endpoints, in the answer's order."""
+        return tuple(dict.fromkeys(address for address, _port in self.endpoints))
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,19 +86,53 @@ class Entry:
     failures: int = 0
 
 
-def entry_after_success(service: str, name: str, result: LookupResult, now: float, config: DnsConfig) -> Entry:
-    """The entry after a lookup that returned addresses."""
+def entry_after_success(
+    service: str, name: str, result: LookupResult | SrvLookupResult, now: float, config: DnsConfig
+) -> Entry:
+    """The entry after a lookup that returned addresses (each gets ``config.port``) or SRV endpoints."""
     ttl_s = config.clamp_ttl(result.ttl_s)
+    via: Via
+    if isinstance(result, SrvLookupResult):
+        endpoints, via = tuple(result.endpoints), VIA_SRV
+    else:
+        endpoints, via = tuple((address, config.port) for address in result.addresses), VIA_A
     answer = DnsAnswer(
         service=service,
         name=name,
-        addresses=tuple(result.addresses),
-        port=config.port,
+        endpoints=endpoints,
         ttl_s=ttl_s,
         resolved_at=now,
         expires_at=now + ttl_s,
+        via=via,
     )
     return Entry(answer=answer, error=None, attempted_at=now, failures=0)
+
+
+def srv_decides(srv: SrvLookupResult | DnsLookupError, previous: DnsAnswer | None) -> SrvLookupResult | DnsLookupError | None:
+    """What an SRV outcome decides alone; None when the A/AAAA answer decides (pure).
+
+    * SRV endpoints win: they carry each peer's own inbound port.
+    * An SRV lookup that failed for transport reasons while the last answer came from SRV is
+      a transport failure of the whole lookup: the SRV answer keeps serving stale (RFC 8767)
+      rather than being replaced by addresses with a port that may be wrong for them.
+    * Otherwise (NXDOMAIN, no records, or a failure before any SRV answer: a DNS without our
+      SRV names) the A/AAAA answer decides, with the configured port, as without SRV.
+    """
+    if isinstance(srv, SrvLookupResult):
+        return srv
+    if srv.is_transport_failure and previous is not None and previous.via == VIA_SRV:
+        return srv
+    return None
+
+
+def fallback_to_a(srv: DnsLookupError, a: LookupResult | DnsLookupError) -> LookupResult | DnsLookupError:
+    """The A/AAAA outcome when SRV did not decide; a failure keeps the SRV cause in its detail (pure)."""
+    if not isinstance(a, DnsLookupError):
+        return a
+    detail = "; ".join(part for part in (a.detail, f"SRV {srv.name}: {srv.reason}") if part)
+    error = DnsLookupError(a.service, a.name, a.reason, detail)
+    error.__cause__ = a.__cause__ if a.__cause__ is not None else a
+    return error
 
 
 def entry_after_failure(previous: Entry | None, error: DnsLookupError, now: float, config: DnsConfig) -> Entry:
@@ -158,10 +205,10 @@ def next_refresh_at(entry: Entry, config: DnsConfig) -> float:
     return max(due, entry.attempted_at + MIN_REFRESH_INTERVAL_S)
 
 
-def outcome_key(lookup: CachedLookup | None) -> tuple[tuple[str, ...] | None, str | None]:
-    """What ``on_change`` compares: the addresses and the error reason (None = fresh success)."""
+def outcome_key(lookup: CachedLookup | None) -> tuple[tuple[tuple[str, int], ...] | None, str | None]:
+    """What ``on_change`` compares: the endpoints (addresses and ports) and the error reason (None = fresh success)."""
     if lookup is None:
         return (None, None)
-    addresses = lookup.answer.addresses if lookup.answer is not None else None
+    endpoints = lookup.answer.endpoints if lookup.answer is not None else None
     reason = lookup.error.reason if lookup.error is not None else None
-    return (addresses, reason)
+    return (endpoints, reason)

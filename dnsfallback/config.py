@@ -1,8 +1,12 @@
 """Configuration of the DNS fallback: one frozen dataclass, validated once.
 
 The sidecar builds a :class:`DnsConfig` from its flags (``--dns-server HOST:PORT``,
-``--dns-template``); :func:`parse_nameserver` turns one such flag value into the
+``--dns-template``, ``--dns-srv``); :func:`parse_nameserver` turns one such flag value into the
 ``(host, port)`` pair the config holds.
+
+The SRV name of a service, ``_mesh-inbound._tcp.{name}`` (RFC 2782's ``_Service._Proto.Name``),
+is defined here once: the mesh's DNS server answers it, and so does Kubernetes' cluster DNS for
+a headless Service whose port is named ``mesh-inbound``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Final
 
 DEFAULT_TEMPLATE: Final = "{service}"
 DEFAULT_PORT: Final = 15006  # the sidecar's inbound port: every resolved endpoint is a sidecar
+# the service and protocol labels of the SRV name that gives each pod's sidecar inbound port
+INBOUND_SRV_LABELS: Final = "_mesh-inbound._tcp"
 DEFAULT_DNS_PORT: Final = 53
 DEFAULT_TIMEOUT_S: Final = 1.0
 DEFAULT_NEGATIVE_TTL_S: Final = 1.0
@@ -30,7 +36,11 @@ class DnsConfig:
     ``nameservers``: ``(ip, port)`` pairs; empty means the system resolver
     configuration (``/etc/resolv.conf``, with its search list), read once.
     ``template``: the DNS name of a service, e.g. ``"{service}.mesh.local"``.
-    ``port``: the port given to every resolved endpoint (the peer sidecar's inbound).
+    ``port``: the port given to every address of an A/AAAA answer (the peer sidecar's
+    inbound port, assumed to be the same as ours).
+    ``srv``: ask for ``_mesh-inbound._tcp.{name}`` SRV records first, which give every peer
+    sidecar's own inbound port; without a usable SRV answer the A/AAAA answer serves with
+    ``port`` (see ``cache.srv_decides``).
     TTLs of answers are clamped to ``[min_ttl_s, max_ttl_s]``; negative
     answers and failures are remembered for ``negative_ttl_s``; watched names
     are refreshed at ``refresh_ahead`` of their TTL; an answer whose refresh
@@ -41,6 +51,7 @@ class DnsConfig:
     nameservers: tuple[tuple[str, int], ...] = ()
     template: str = DEFAULT_TEMPLATE
     port: int = DEFAULT_PORT
+    srv: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
     negative_ttl_s: float = DEFAULT_NEGATIVE_TTL_S
     min_ttl_s: float = DEFAULT_MIN_TTL_S
@@ -73,6 +84,10 @@ class DnsConfig:
     def name_for(self, service: str) -> str:
         """The DNS name queried for ``service`` (the template filled in)."""
         return self.template.format(service=service)
+
+    def srv_name_for(self, service: str) -> str:
+        """The SRV name queried for ``service`` when ``srv`` is on: ``_mesh-inbound._tcp.`` + its name."""
+        return f"{INBOUND_SRV_LABELS}.{self.name_for(service)}"
 
     def clamp_ttl(self, ttl_s: float) -> float:
         """The TTL an answer is cached for: the record's TTL within the configured bounds."""

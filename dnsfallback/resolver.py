@@ -15,9 +15,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-from dnsfallback.backend import DnspythonBackend, LookupBackend
+from dnsfallback.backend import DnspythonBackend, LookupBackend, LookupResult
 from dnsfallback.cache import (
     CachedLookup,
     DnsAnswer,
@@ -25,13 +25,16 @@ from dnsfallback.cache import (
     cached_outcome,
     entry_after_failure,
     entry_after_success,
+    fallback_to_a,
     next_refresh_at,
     outcome_key,
     outcome_of,
+    srv_decides,
     view,
 )
 from dnsfallback.config import DnsConfig
 from dnsfallback.errors import BAD_RESPONSE, TIMEOUT, UNREACHABLE, DnsLookupError
+from dnsfallback.srv import SrvLookupResult
 
 log = logging.getLogger("dnsfallback")
 
@@ -42,6 +45,7 @@ LOOKUP_DEADLINE_FACTOR: Final = 2.0
 LOOKUP_DEADLINE_SLACK_S: Final = 0.5
 
 ChangeCallback = Callable[[str, CachedLookup], None]
+_R = TypeVar("_R")
 
 
 class ServiceResolver:
@@ -72,6 +76,7 @@ class ServiceResolver:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._callbacks: list[ChangeCallback] = []
+        self._srv_status: dict[str, str] = {}  # per service: "ok" or the reason its SRV lookup failed
         self._closed = False
 
     @property
@@ -171,26 +176,75 @@ class ServiceResolver:
 
     async def _lookup(self, service: str) -> Entry:
         name = self._config.name_for(service)
+        outcome: LookupResult | SrvLookupResult | DnsLookupError
+        if self._config.srv:
+            srv_name = self._config.srv_name_for(service)
+            outcome = await self._lookup_srv_or_a(service, srv_name, name)
+            if isinstance(outcome, SrvLookupResult):
+                name = srv_name
+        else:
+            outcome = await self._attempt(service, name, self._backend.lookup)
+        if isinstance(outcome, DnsLookupError):
+            entry = entry_after_failure(self._entries.get(service), outcome, self._clock(), self._config)
+        else:
+            entry = entry_after_success(service, name, outcome, self._clock(), self._config)
+        self._store(service, entry)
+        return entry
+
+    async def _lookup_srv_or_a(
+        self, service: str, srv_name: str, name: str
+    ) -> LookupResult | SrvLookupResult | DnsLookupError:
+        """SRV and A/AAAA at once; the A/AAAA answer is waited for only when SRV does not decide."""
+        loop = asyncio.get_running_loop()
+        a_task = loop.create_task(self._attempt(service, name, self._backend.lookup), name=f"dnsfallback-a-{service}")
+        self._track(a_task)  # so close() waits for it too
+        try:
+            srv = await self._attempt(service, srv_name, self._backend.lookup_srv)
+            previous = self._entries.get(service)
+            decided = srv_decides(srv, previous.answer if previous is not None else None)
+            self._note_srv(service, srv, fallback=decided is None)
+            if decided is not None:
+                return decided
+            assert isinstance(srv, DnsLookupError)
+            return fallback_to_a(srv, await a_task)
+        finally:
+            a_task.cancel()
+
+    async def _attempt(
+        self, service: str, name: str, lookup: Callable[[str], Awaitable[_R]]
+    ) -> _R | DnsLookupError:
+        """One backend lookup within its deadline; every failure comes back as a DnsLookupError."""
         deadline = self._config.timeout_s * LOOKUP_DEADLINE_FACTOR + LOOKUP_DEADLINE_SLACK_S
         try:
             async with asyncio.timeout(deadline):
-                result = await self._backend.lookup(name)
+                return await lookup(name)
         except DnsLookupError as exc:
-            error = exc.for_service(service)
+            return exc.for_service(service)
         except TimeoutError as exc:
             error = DnsLookupError(service, name, TIMEOUT, f"no result within {deadline:.1f}s")
             error.__cause__ = exc
+            return error
         except Exception as exc:  # noqa: BLE001 - a broken backend must not break the callers
             log.exception("event=dns_backend_error service=%s name=%s", service, name)
             error = DnsLookupError(service, name, BAD_RESPONSE, f"backend error {type(exc).__name__}: {exc}")
             error.__cause__ = exc
-        else:
-            entry = entry_after_success(service, name, result, self._clock(), self._config)
-            self._store(service, entry)
-            return entry
-        entry = entry_after_failure(self._entries.get(service), error, self._clock(), self._config)
-        self._store(service, entry)
-        return entry
+            return error
+
+    def _note_srv(self, service: str, srv: SrvLookupResult | DnsLookupError, *, fallback: bool) -> None:
+        """Log what the SRV lookup of ``service`` gave when that changes (every time at debug)."""
+        status = "ok" if isinstance(srv, SrvLookupResult) else srv.reason
+        changed = self._srv_status.get(service) != status
+        self._srv_status[service] = status
+        if isinstance(srv, SrvLookupResult):
+            if changed:
+                log.debug("event=dns_srv_answer service=%s endpoints=%s", service, _endpoints_text(srv.endpoints))
+            return
+        level = logging.DEBUG
+        if changed:
+            # garbage is worth a warning; a DNS without our SRV names is the normal case elsewhere
+            level = logging.WARNING if srv.reason == BAD_RESPONSE else logging.INFO
+        log.log(level, "event=dns_srv_unusable service=%s name=%s reason=%s then=%s detail=%s",
+                service, srv.name, srv.reason, "a_records" if fallback else "last_srv_answer", srv.detail or "-")
 
     def _store(self, service: str, entry: Entry) -> None:
         previous = self._entries.get(service)
@@ -210,18 +264,21 @@ class ServiceResolver:
     def _log_transition(self, service: str, previous: Entry | None, entry: Entry) -> None:
         name = self._config.name_for(service)
         old_addresses = previous.answer.addresses if previous is not None and previous.answer is not None else None
+        old_endpoints = previous.answer.endpoints if previous is not None and previous.answer is not None else None
         if entry.error is None:
             assert entry.answer is not None
             if previous is not None and previous.error is not None and previous.error.is_transport_failure:
                 log.info(
                     "event=dns_lookup_recovered service=%s name=%s failures=%d", service, name, previous.failures
                 )
-            if entry.answer.addresses != old_addresses:
+            if entry.answer.endpoints != old_endpoints:
                 log.info(
-                    "event=dns_answer_changed service=%s name=%s addresses=%s ttl_s=%g",
+                    "event=dns_answer_changed service=%s name=%s addresses=%s endpoints=%s via=%s ttl_s=%g",
                     service,
-                    name,
+                    entry.answer.name,
                     ",".join(entry.answer.addresses),
+                    _endpoints_text(entry.answer.endpoints),
+                    entry.answer.via,
                     entry.answer.ttl_s,
                 )
             return
@@ -272,3 +329,7 @@ class ServiceResolver:
 
     def _closed_error(self, service: str) -> DnsLookupError:
         return DnsLookupError(service, self._config.name_for(service), UNREACHABLE, "resolver is closed")
+
+
+def _endpoints_text(endpoints: Iterable[tuple[str, int]]) -> str:
+    return ",".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in endpoints) or "-"

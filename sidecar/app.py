@@ -43,7 +43,6 @@ class Sidecar:
         self.health = EndpointHealth(eject_s=config.eject_s)
         self.book = RouteBook(
             resolver=self.resolver,
-            dns_port=config.dns.port,
             health=self.health,
             settle_timeout_s=config.initial_fetch_timeout_s + 1.0,
             guard_grace_s=config.guard_grace_s,
@@ -104,6 +103,8 @@ class Sidecar:
             },
             "dns": {
                 "template": c.dns.template,
+                # the SRV name that gives each peer's inbound port, or None: every peer on ours
+                "srv": c.dns.srv_name_for("{service}") if c.dns.srv else None,
                 "servers": [f"{h}:{p}" for h, p in c.dns.nameservers] or "system",
             },
             "counters": {
@@ -142,9 +143,10 @@ class Sidecar:
         self._discovery_task = asyncio.create_task(self.discovery.run(), name="discovery")
         log.info(
             "event=sidecar_started service=%s instance=%s address=%s outbound=%s:%d inbound=%s:%d admin=%s:%d "
-            "app=%s:%d controlplane=%s dns_template=%s dns_servers=%s",
+            "app=%s:%d controlplane=%s dns_template=%s dns_srv=%s dns_servers=%s",
             c.service, c.instance, c.address, c.outbound_listen, c.outbound_port, c.listen, c.inbound_port,
             c.listen, c.admin_port, c.app[0], c.app[1], c.controlplane, c.dns.template,
+            c.dns.srv_name_for("{service}") if c.dns.srv else "off",  # off: every peer on our inbound port
             ",".join(f"{h}:{p}" for h, p in c.dns.nameservers) or "system",
         )
 

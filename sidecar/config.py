@@ -24,6 +24,7 @@ ENV_APP = "SIDEMESH_APP"
 ENV_CONTROLPLANE = "SIDEMESH_CONTROLPLANE"
 ENV_DNS_SERVER = "SIDEMESH_DNS_SERVER"
 ENV_DNS_TEMPLATE = "SIDEMESH_DNS_TEMPLATE"
+ENV_DNS_SRV = "SIDEMESH_DNS_SRV"
 ENV_LOG_LEVEL = "SIDEMESH_LOG_LEVEL"
 ENV_INSECURE = "SIDEMESH_INSECURE"
 ENV_IDENTITY_DIR = "SIDEMESH_IDENTITY_DIR"
@@ -153,7 +154,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--listen", default=env.get(ENV_LISTEN, "0.0.0.0"), help=f"bind address of the inbound and admin listeners (default 0.0.0.0; ${ENV_LISTEN})")
     p.add_argument("--outbound-listen", default=env.get(ENV_OUTBOUND_LISTEN, "127.0.0.1"), help=f"bind address of the outbound listener, the app's egress (default 127.0.0.1; ${ENV_OUTBOUND_LISTEN})")
     p.add_argument("--outbound-port", type=_port, default=DEFAULT_OUTBOUND_PORT, help="outbound listener port (default 15001)")
-    p.add_argument("--inbound-port", type=_port, default=DEFAULT_INBOUND_PORT, help="inbound listener port, advertised to the mesh (default 15006)")
+    p.add_argument("--inbound-port", type=_port, default=DEFAULT_INBOUND_PORT, help="inbound listener port, advertised to the mesh; also the port of every peer found through DNS A/AAAA records without --dns-srv (default 15006)")
     p.add_argument("--admin-port", type=_port, default=DEFAULT_ADMIN_PORT, help="admin API port: /ready, /state, /metrics (default 15000)")
     p.add_argument("--app", type=_hostport, default=env.get(ENV_APP, "127.0.0.1:8080"), help=f"where the local app listens (default 127.0.0.1:8080; ${ENV_APP})")
     p.add_argument("--app-timeout", type=_positive, default=30.0, help="seconds to wait for the app's response head (default 30)")
@@ -161,6 +162,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--dns-server", action="append", type=lambda s: _hostport(s, default_port=53), default=None,
                    help=f"DNS server HOST[:PORT] for the fallback, repeatable (default: /etc/resolv.conf; ${ENV_DNS_SERVER}, comma-separated)")
     p.add_argument("--dns-template", default=env.get(ENV_DNS_TEMPLATE, "{service}"), help=f"DNS name of a service, e.g. '{{service}}.mesh.local' (default '{{service}}'; ${ENV_DNS_TEMPLATE})")
+    p.add_argument("--dns-srv", action=argparse.BooleanOptionalAction,
+                   default=env.get(ENV_DNS_SRV, "") not in ("", "0", "false"),
+                   help=f"ask DNS for _mesh-inbound._tcp.<name> SRV records first: they give each peer sidecar its own "
+                   f"inbound port; without them (NXDOMAIN, no records, an error) the A/AAAA records serve with this "
+                   f"sidecar's --inbound-port. Off by default: Docker's DNS has no such records; `sidemesh up`'s DNS "
+                   f"server and Kubernetes' (a headless Service with a port named mesh-inbound) have (${ENV_DNS_SRV}=1)")
     p.add_argument("--dns-timeout", type=_positive, default=1.0, help="seconds per DNS lookup (default 1)")
     p.add_argument("--dns-max-ttl", type=_positive, default=5.0,
                    help="cap on how long a DNS answer is trusted, whatever its TTL (default 5; Docker's DNS says 600)")
@@ -283,6 +290,7 @@ def parse_config(argv: Sequence[str], env: Mapping[str, str] | None = None) -> S
             nameservers=tuple(dns_servers or ()),
             template=a.dns_template,
             port=a.inbound_port,
+            srv=a.dns_srv,
             timeout_s=a.dns_timeout,
             max_ttl_s=a.dns_max_ttl,
             min_ttl_s=min(1.0, a.dns_max_ttl),

@@ -133,9 +133,13 @@ def guards_to_release(guards: Mapping[str, Guard], peek: Peek, now: float, grace
     return tuple(sorted(name for name, g in guards.items() if now - g.since >= grace_s and dns_gone(peek(name))))
 
 
-def dns_endpoints(lookup: CachedLookup, port: int) -> tuple[Endpoint, ...]:
+def dns_endpoints(lookup: CachedLookup) -> tuple[Endpoint, ...]:
+    """The endpoints of a DNS answer, each on the port DNS gave it (its SRV port, else the configured one).
+
+    A DNS endpoint has no instance id: its ``instance`` is its address (see ``hello_knowledge``).
+    """
     assert lookup.answer is not None
-    return tuple(Endpoint(addr, port, addr) for addr in lookup.answer.addresses)
+    return tuple(Endpoint(addr, port, addr) for addr, port in lookup.answer.endpoints)
 
 
 def build_routes(
@@ -144,7 +148,6 @@ def build_routes(
     guards: Mapping[str, Guard],
     dns_names: Iterable[str],
     peek: Peek,
-    dns_port: int,
     health: EndpointHealth,
 ) -> dict[str, ResolvedRoute]:
     """Every routable service -> its route, for the given inputs. Pure apart from ``peek``."""
@@ -165,11 +168,11 @@ def build_routes(
         known = last_known.get(name)
         policy = known[1] if known is not None else Policy()
         if lookup is not None and lookup.fresh and lookup.answer and lookup.answer.addresses:
-            routes[name] = ResolvedRoute(name, dns_endpoints(lookup, dns_port), Source.DNS, health, policy)
+            routes[name] = ResolvedRoute(name, dns_endpoints(lookup), Source.DNS, health, policy)
         elif known is not None:
             routes[name] = ResolvedRoute(name, known[0], Source.CACHE, health, policy)
         elif lookup is not None and lookup.answer and lookup.answer.addresses:
-            routes[name] = ResolvedRoute(name, dns_endpoints(lookup, dns_port), Source.CACHE, health, policy)
+            routes[name] = ResolvedRoute(name, dns_endpoints(lookup), Source.CACHE, health, policy)
     return routes
 
 

@@ -72,7 +72,6 @@ class RouteBook:
         self,
         *,
         resolver: Resolver,
-        dns_port: int,
         health: EndpointHealth | None = None,
         failover: FailoverState | None = None,
         settle_timeout_s: float = 3.0,
@@ -81,7 +80,6 @@ class RouteBook:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.resolver = resolver
-        self.dns_port = dns_port
         self.health = health or EndpointHealth()
         self.failover = failover or FailoverState(clock=wall_clock)
         self.settle_timeout_s = settle_timeout_s
@@ -272,7 +270,6 @@ class RouteBook:
             self.guards,
             self._dns_names,
             self.resolver.peek,
-            self.dns_port,
             self.health,
         )
 

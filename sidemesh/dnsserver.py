@@ -1,22 +1,20 @@
 """The local authoritative DNS server of `sidemesh up`: `{service}.{zone}` -> the pods' addresses.
 
-What it answers (RFC 1034/1035 semantics, built on dnspython; no packet is
-parsed or built by hand):
+What it answers is the zone's business (``sidemesh.dnszone``): ``{service}.{zone}`` A/AAAA,
+and ``_mesh-inbound._tcp.{service}.{zone}`` SRV giving each pod's sidecar inbound port. This
+module serves those answers over UDP and TCP on one port, and the records API:
 
-* ``{service}.{zone}`` A/AAAA (and ANY): the service's IPv4/IPv6 addresses,
-  authoritative (AA), with the configured TTL; a known service without
-  records of the asked type gets NOERROR/NODATA.
-* any other name inside the zone: NXDOMAIN; names outside it: REFUSED.
-* negative answers carry the zone's SOA in the authority section, whose TTL
-  and MINIMUM equal ``--ttl``, so resolvers cache them that long (RFC 2308).
 * garbage (unparseable datagrams, responses sent to us) gets silence and is
   counted; a TCP peer that sends junk is disconnected, one that stalls is
   timed out; neither affects anyone else.
+* an answer too big for the client's UDP size goes without its additional section
+  (RFC 2181 9: those records are optional), else truncated (TC) so the client asks over TCP.
 
 The records are replaced as a whole through the HTTP API on ``--api-port``
-(``PUT /records`` with ``{"artist": ["127.10.1.1", "127.10.1.2"]}``,
-``GET /records``, ``GET /healthz``), which `sidemesh up` calls whenever
-pods come and go. ``PUT /records`` would let anyone repoint any service, so it
+(``PUT /records`` with ``{"artist": ["127.10.1.1", "127.10.1.2"]}``, or with pods that name
+their sidecar's inbound port, ``{"artist": [{"address": "127.10.1.1", "port": 15006,
+"instance": "artist-1"}]}``; ``GET /records``, ``GET /healthz``), which `sidemesh up` calls
+whenever pods come and go. ``PUT /records`` would let anyone repoint any service, so it
 passes the admin policy first (``sidemesh.adminauth``: a peer in
 ``--admin-allow``, loopback by default, or the admin bearer token; else 403).
 """
@@ -30,7 +28,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -40,15 +37,13 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.name
-import dns.opcode
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
-import dns.rrset
 import uvloop
 from aiohttp import web
 
 from sidemesh.adminauth import AdminPolicy, add_admin_arguments, admin_middleware, policy_from_args
+from sidemesh.dnszone import PodRecord, RecordsError, build_response, validate_records
+
+__all__ = ["MeshDnsServer", "RecordsError", "build_response", "main", "make_api_app", "validate_records"]
 
 log = logging.getLogger("sidemesh.dns")
 
@@ -69,90 +64,6 @@ MAX_TCP_CONNECTIONS: Final = 256
 UDP_MIN_PAYLOAD: Final = 512
 TCP_MAX_MESSAGE: Final = 65535
 SHUTDOWN_GRACE_S: Final = 2.0
-# RFC 1123 LDH label: letters, digits, hyphens; no leading/trailing hyphen; 1..63 chars
-_LABEL_RE: Final = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-
-
-class RecordsError(ValueError):
-    """A records update that is not a mapping of DNS labels to IP address lists."""
-
-
-def validate_records(data: object) -> dict[str, tuple[str, ...]]:
-    """Check a ``{service: [address, ...]}`` mapping and normalise it (lower-case names, canonical IPs)."""
-    if not isinstance(data, Mapping):
-        raise RecordsError("records must be a JSON object mapping service names to lists of IP addresses")
-    records: dict[str, tuple[str, ...]] = {}
-    for name, addresses in data.items():
-        if not isinstance(name, str) or not _LABEL_RE.match(name.lower()):
-            raise RecordsError(f"service name {name!r} is not a DNS label (letters, digits, '-', 1-63 chars)")
-        if not isinstance(addresses, list | tuple) or not all(isinstance(a, str) for a in addresses):
-            raise RecordsError(f"addresses of {name!r} must be a list of strings")
-        canonical: list[str] = []
-        for address in addresses:
-            try:
-                text = str(ipaddress.ip_address(address))
-            except ValueError:
-                raise RecordsError(f"address {address!r} of {name!r} is not an IPv4 or IPv6 literal") from None
-            if text not in canonical:
-                canonical.append(text)
-        key = name.lower()
-        if key in records:
-            raise RecordsError(f"service name {name!r} appears twice (names are case-insensitive)")
-        records[key] = tuple(canonical)
-    return records
-
-
-def build_response(
-    query: dns.message.Message,
-    zone: dns.name.Name,
-    records: Mapping[str, tuple[str, ...]],
-    ttl: int,
-    serial: int,
-) -> dns.message.Message:
-    """The answer to one parsed query (pure: no I/O, no clock)."""
-    response = dns.message.make_response(query)
-    if query.opcode() != dns.opcode.QUERY:
-        response.set_rcode(dns.rcode.NOTIMP)
-        return response
-    if len(query.question) != 1:
-        response.set_rcode(dns.rcode.FORMERR)
-        return response
-    question = query.question[0]
-    qname, qtype = question.name, question.rdtype
-    if question.rdclass not in (dns.rdataclass.IN, dns.rdataclass.ANY) or not qname.is_subdomain(zone):
-        response.set_rcode(dns.rcode.REFUSED)  # not our zone: we are no recursor
-        return response
-    response.flags |= dns.flags.AA
-    soa = _soa(zone, ttl, serial)
-    if qname == zone:
-        if qtype in (dns.rdatatype.SOA, dns.rdatatype.ANY):
-            response.answer.append(soa)
-        else:
-            response.authority.append(soa)  # NODATA
-        return response
-    labels = qname.relativize(zone).labels
-    service = labels[0].decode("ascii", "replace").lower() if len(labels) == 1 else None
-    if service is None or service not in records:
-        response.set_rcode(dns.rcode.NXDOMAIN)
-        response.authority.append(soa)
-        return response
-    wanted = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 6}
-    for rdtype, version in wanted.items():
-        if qtype not in (rdtype, dns.rdatatype.ANY):
-            continue
-        addresses = [a for a in records[service] if ipaddress.ip_address(a).version == version]
-        if addresses:
-            response.answer.append(dns.rrset.from_text_list(qname, ttl, dns.rdataclass.IN, rdtype, addresses))
-    if not response.answer:
-        response.authority.append(soa)  # NODATA
-    return response
-
-
-def _soa(zone: dns.name.Name, ttl: int, serial: int) -> dns.rrset.RRset:
-    origin = zone.to_text()
-    # refresh/retry/expire matter only to secondaries, which we do not have; MINIMUM is the negative TTL
-    text = f"ns.{origin} hostmaster.{origin} {serial} 3600 600 86400 {ttl}"
-    return dns.rrset.from_text(zone, ttl, dns.rdataclass.IN, dns.rdatatype.SOA, text)
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -193,7 +104,7 @@ class MeshDnsServer:
         if self.zone == dns.name.root:
             raise ValueError("zone must not be the root")
         self.ttl = ttl
-        self._records: dict[str, tuple[str, ...]] = {}
+        self._records: dict[str, tuple[PodRecord, ...]] = {}
         self._serial = 1
         self._idle_timeout_s = tcp_idle_timeout_s
         self._max_tcp = max_tcp_connections
@@ -221,9 +132,9 @@ class MeshDnsServer:
             return
         raise OSError(f"no port free for both UDP and TCP on {host}")
 
-    def set_records(self, mapping: Mapping[str, Sequence[str]] | object) -> dict[str, tuple[str, ...]]:
+    def set_records(self, mapping: Mapping[str, Sequence[object]] | object) -> dict[str, list[str | dict[str, str | int]]]:
         """Replace all records (validated; raises :class:`RecordsError`); returns what is now served."""
-        records = validate_records(mapping)
+        records = validate_records(mapping, self.zone)
         old = self._records
         self._records = records
         self._serial = (self._serial + 1) % 2**32 or 1
@@ -234,13 +145,13 @@ class MeshDnsServer:
             sum(len(a) for a in records.values()),
             self._serial,
             ",".join(changed) or "-",
-            " ".join(f"{n}={','.join(records[n]) or '-'}" for n in changed if n in records),
+            " ".join(f"{n}={_pods_text(records[n])}" for n in changed if n in records),
         )
-        return dict(records)
+        return self.records()
 
-    def records(self) -> dict[str, list[str]]:
-        """The records now served: ``{service: [address, ...]}``."""
-        return {name: list(addresses) for name, addresses in self._records.items()}
+    def records(self) -> dict[str, list[str | dict[str, str | int]]]:
+        """The records now served: ``{service: [address or pod object, ...]}``."""
+        return {name: [pod.as_json() for pod in pods] for name, pods in self._records.items()}
 
     def handle_wire(self, wire: bytes, *, tcp: bool) -> bytes | None:
         """Answer one DNS message in wire format; None means stay silent. Never raises."""
@@ -260,9 +171,16 @@ class MeshDnsServer:
             try:
                 return response.to_wire(max_size=max_size)
             except dns.exception.TooBig:
-                truncated = dns.message.make_response(query)
-                truncated.flags |= dns.flags.AA | dns.flags.TC  # RFC 1035 4.2.1: retry over TCP
-                return truncated.to_wire(max_size=max_size)
+                pass
+            if response.additional:
+                response.additional = []
+                try:
+                    return response.to_wire(max_size=max_size)
+                except dns.exception.TooBig:
+                    pass
+            truncated = dns.message.make_response(query)
+            truncated.flags |= dns.flags.AA | dns.flags.TC  # RFC 1035 4.2.1: retry over TCP
+            return truncated.to_wire(max_size=max_size)
         except Exception:  # noqa: BLE001 - a bug here must cost one answer, not the server
             log.exception("event=dns_answer_failed")
             return None
@@ -339,6 +257,10 @@ def make_api_app(server: MeshDnsServer, *, admin: AdminPolicy | None = None) -> 
     return app
 
 
+def _pods_text(pods: Sequence[PodRecord]) -> str:
+    return ",".join(p.address if p.port is None else f"{p.instance}@{p.address}:{p.port}" for p in pods) or "-"
+
+
 def _json_error(message: str) -> web.Response:
     return web.json_response({"error": message, "status": 400}, status=400)
 
@@ -403,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--record {item!r}: expected SERVICE=ADDR[,ADDR...]")
         initial[name] = [a for a in addresses.split(",") if a]
     try:
-        validate_records(initial)
+        validate_records(initial, server.zone)
     except RecordsError as exc:
         parser.error(f"--record: {exc}")
     try:

@@ -168,7 +168,10 @@ def sidecar_container(service: str, app_port: int, extra_inbound: Sequence[tuple
     dns = f"{{service}}.$(POD_NAMESPACE).svc.{settings.cluster_domain}"
     args = ["sidecar", "--service", service, "--instance", "$(POD_NAME)", "--address", "$(POD_IP)",
             "--listen", "0.0.0.0", "--outbound-listen", "127.0.0.1", "--app", f"127.0.0.1:{app_port}",
-            "--controlplane", settings.controlplane, "--dns-template", dns]
+            "--controlplane", settings.controlplane, "--dns-template", dns,
+            # cluster DNS serves _mesh-inbound._tcp.{service}... for the headless Service's port named
+            # mesh-inbound, with each pod's own port: peers are reached on theirs, not on ours
+            "--dns-srv"]
     for host, port in extra_inbound:
         args += ["--extra-inbound", f"{host}:{port}"]
     if settings.insecure:

@@ -326,7 +326,7 @@ class MeshLayout:
                    "--admin-port", str(ADMIN_PORT), "--app", f"{addr}:{port}",
                    "--controlplane", f"{self.controlplane_address}:{GRPC_PORT}",
                    "--dns-server", f"{self.dns_address}:{DNS_PORT}",
-                   "--dns-template", "{service}." + self.zone]
+                   "--dns-template", "{service}." + self.zone, "--dns-srv"]
         if self.insecure:
             sidecar.append("--insecure")
         else:
@@ -398,17 +398,35 @@ def plan_scale(states: Mapping[int, str], desired: int) -> ScalePlan:
     return ScalePlan(start, remove)
 
 
-def dns_records(units: Iterable[tuple[UnitSpec, str]]) -> dict[str, list[str]]:
-    """The DNS server's records: each service -> addresses of its running pods.
+# what ``sidemesh up`` tells its DNS server: service -> its pods (``sidemesh.dnszone`` reads them)
+DnsRecords = dict[str, list[dict[str, str | int]]]
 
-    Services with no running pod are left out, so DNS answers NXDOMAIN for them
-    (the truth) and sidecars keep their last-known-good endpoints.
+
+def dns_records(units: Iterable[tuple[UnitSpec, str]]) -> DnsRecords:
+    """The DNS server's records: each service -> its running pods, by address.
+
+    A pod is its address, its sidecar's inbound port (served as SRV, so a caller reaches it
+    on that port, whatever its own) and its name. Services with no running pod are left out,
+    so DNS answers NXDOMAIN for them (the truth) and sidecars keep their last-known-good
+    endpoints.
     """
-    records: dict[str, list[str]] = {}
+    records: DnsRecords = {}
     for spec, state in units:
         if spec.kind == "pod" and state == "running" and spec.service:
-            records.setdefault(spec.service, []).append(spec.address)
-    return {s: sorted(a, key=ipaddress.ip_address) for s, a in sorted(records.items())}
+            records.setdefault(spec.service, []).append(
+                {"address": spec.address, "port": spec.ports["inbound"], "instance": spec.name})
+    return {s: sorted(pods, key=lambda p: ipaddress.ip_address(p["address"])) for s, pods in sorted(records.items())}
+
+
+def record_addresses(records: DnsRecords) -> set[str]:
+    """Every address the records name."""
+    return {str(pod["address"]) for pods in records.values() for pod in pods}
+
+
+def records_text(records: DnsRecords) -> str:
+    """For the log: ``artist=127.10.1.1:15006,127.10.1.2:15006 song=...``."""
+    return " ".join(f"{service}=" + ",".join(f"{pod['address']}:{pod['port']}" for pod in pods)
+                    for service, pods in records.items()) or "none"
 
 
 def resolve_target(name: str, specs: Iterable[UnitSpec], *, services: Collection[str] | None = None) -> list[UnitSpec]:

@@ -37,6 +37,7 @@ from sidemesh.layout import (
     ADMIN_PORT,
     CP_HTTP_PORT,
     DNS_API_PORT,
+    DnsRecords,
     HostPort,
     LayoutError,
     MeshLayout,
@@ -45,6 +46,8 @@ from sidemesh.layout import (
     dns_records,
     http_url,
     plan_scale,
+    record_addresses,
+    records_text,
     resolve_target,
 )
 
@@ -148,7 +151,7 @@ class Supervisor:
         self._records_task: asyncio.Task[None] | None = None
         self._closing = False
         self._pushed: tuple[int | None, str] | None = None
-        self._pushed_records: dict[str, list[str]] = {}
+        self._pushed_records: DnsRecords = {}
         self._issuer = None if layout.insecure else LocalIssuer(layout, clock=clock)
 
     # ---- lifecycle -------------------------------------------------------
@@ -367,7 +370,7 @@ class Supervisor:
             dns = next((u for u in self.units.values() if u.spec.kind == "dns"), None)
             if dns is None or dns.state != "running":
                 return
-            if self._pushed is not None and all(unit.spec.address not in a for a in self._pushed_records.values()):
+            if self._pushed is not None and unit.spec.address not in record_addresses(self._pushed_records):
                 return
             await asyncio.sleep(POLL_S / 5)
         log.warning("event=dns_withdraw_timeout name=%s after_s=%.1f", unit.spec.name, DNS_WITHDRAW_TIMEOUT_S)
@@ -438,7 +441,7 @@ class Supervisor:
 
     # ---- DNS records -----------------------------------------------------
 
-    def records(self) -> dict[str, list[str]]:
+    def records(self) -> DnsRecords:
         # a pod enters DNS only once it answers (app port open, sidecar /ready): a record for a pod
         # whose app is still starting sends callers to a 503 and gets the pod ejected
         return dns_records((u.spec, u.state if u.ready or u.state != "running" else "starting")
@@ -459,12 +462,12 @@ class Supervisor:
             if await self._put_records(dns.spec.address, records):
                 self._pushed = key
                 self._pushed_records = records
-                log.info("event=dns_records %s", " ".join(f"{s}={','.join(a)}" for s, a in records.items()) or "none")
+                log.info("event=dns_records %s", records_text(records))
             else:
                 await asyncio.sleep(RECORDS_RETRY_S)
                 self._dirty.set()
 
-    async def _put_records(self, address: str, records: dict[str, list[str]]) -> bool:
+    async def _put_records(self, address: str, records: DnsRecords) -> bool:
         assert self._session is not None
         try:
             async with self._session.put(f"http://{address}:{DNS_API_PORT}/records", json=records) as resp:

@@ -99,7 +99,7 @@ class Mesh:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read(), dict(exc.headers)
 
-    def put_records(self, records: dict[str, list[str]]) -> None:
+    def put_records(self, records: dict[str, list[Any]]) -> None:
         """Replace the local DNS server's records (as `sidemesh up` does when pods come and go)."""
         api = get_json(f"http://{self.control}/mesh")["dns"]["api"]
         req = urllib.request.Request(f"http://{api}/records", data=json.dumps(records).encode(), method="PUT",

@@ -447,25 +447,31 @@ class SidecarProcess:
 
 def start_sidecar_process(
     procs: ProcessGroup,
-    cp: TestControlPlane,
+    cp: TestControlPlane | None,
     *,
     app: tuple[str, int],
     service: str = "song",
     extra: Iterable[str] = (),
     open_files: int | None = None,
     identity: Path | None = None,
+    dns: tuple[str, int] | None = None,
+    inbound_port: int = 15006,
 ) -> SidecarProcess:
     """``sidemesh sidecar`` on a fresh loopback address; ``open_files`` sets its RLIMIT_NOFILE.
 
     ``identity``: mTLS with the certificate cached there (``MeshCa.mint``), else ``--insecure``.
-    Registered in ``procs``, which stops it and prints its log when the test failed.
+    Without a control plane it points at a port where nothing answers (it serves through DNS);
+    DNS points at ``dns``, else at such a port too. Registered in ``procs``, which stops it and
+    prints its log when the test failed.
     """
     address = loopback_address()
-    dns = closed_port()
+    dns = dns or closed_port()
+    controlplane = cp.target if cp is not None else "%s:%d" % closed_port()
     args = [
         "sidecar", "--service", service, "--instance", f"{service}-proc", "--address", address,
         "--listen", address, "--outbound-listen", address, "--app", "%s:%d" % app,
-        "--controlplane", cp.target, "--dns-server", "%s:%d" % dns, "--dns-timeout", "0.2",
+        "--inbound-port", str(inbound_port),
+        "--controlplane", controlplane, "--dns-server", "%s:%d" % dns, "--dns-timeout", "0.2",
         "--log-level", "info", *identity_args(identity), *extra,
     ]
 
@@ -481,7 +487,7 @@ def start_sidecar_process(
         )
     proc = Proc(f"sidecar-{address}", popen, log_path)
     procs.procs.append(proc)
-    return SidecarProcess(proc, address)
+    return SidecarProcess(proc, address, inbound_port=inbound_port)
 
 
 async def wait_ready(sp: SidecarProcess, timeout: float = 15.0) -> None:

@@ -15,6 +15,8 @@ import dns.asyncresolver
 import dns.flags
 import dns.message
 import dns.name
+import dns.rdatatype
+import dns.rrset
 import pytest
 
 from dnsfallback import CachedLookup, DnsConfig, DnsLookupError, DnspythonBackend, ServiceResolver
@@ -70,7 +72,7 @@ async def test_several_records_become_several_endpoints(mesh_dns, resolvers) -> 
     answer = await resolver.resolve("artist")
 
     assert answer.addresses == ("127.10.1.1", "127.10.1.2", "127.10.1.3", "::1")
-    assert answer.endpoints() == tuple((a, 15006) for a in answer.addresses)
+    assert answer.endpoints == tuple((a, 15006) for a in answer.addresses)
     assert answer.ttl_s == 1.0 and answer.name == "artist.mesh.local"
 
 
@@ -181,6 +183,50 @@ async def test_relative_names_use_the_system_search_list(mesh_dns, resolvers) ->
         assert (await resolver.resolve("artist")).addresses == ("127.10.1.4",)
     finally:
         await resolver.close()
+
+
+# ---- SRV: each peer's own inbound port ---------------------------------------------------------
+
+
+async def test_pods_that_name_their_inbound_port_are_resolved_through_srv_on_that_port(mesh_dns, resolvers) -> None:
+    mesh_dns.set_records({"artist": [{"address": "127.10.1.1", "port": 15006, "instance": "artist-1"},
+                                     {"address": "127.10.1.2", "port": 15106, "instance": "artist-2"}]})
+    answer = await resolvers(server_config(mesh_dns, srv=True)).resolve("artist")
+    assert answer.via == "srv" and answer.name == "_mesh-inbound._tcp.artist.mesh.local"
+    assert answer.endpoints == (("127.10.1.1", 15006), ("127.10.1.2", 15106))
+    assert answer.ttl_s == 1.0
+
+
+async def test_a_service_given_by_address_alone_resolves_on_our_own_inbound_port(mesh_dns, resolvers) -> None:
+    mesh_dns.set_records({"song": ["127.10.2.1"]})
+    answer = await resolvers(server_config(mesh_dns, srv=True, port=15006)).resolve("song")
+    assert answer.via == "a" and answer.endpoints == (("127.10.2.1", 15006),)
+
+
+async def test_srv_targets_left_out_of_a_full_datagram_are_looked_up_one_by_one(mesh_dns, resolvers) -> None:
+    # nine pods: their SRV records fill a 512-byte datagram, so the server sends them without the addresses
+    pods = [{"address": f"127.10.1.{i}", "port": 15100 + i, "instance": f"artist-{i}"} for i in range(1, 10)]
+    mesh_dns.set_records({"artist": pods})
+    answer = await resolvers(server_config(mesh_dns, srv=True)).resolve("artist")
+    assert answer.endpoints == tuple((f"127.10.1.{i}", 15100 + i) for i in range(1, 10))
+
+
+async def test_srv_garbage_from_a_server_falls_back_to_its_a_records(evil_server, resolvers) -> None:
+    def reply(wire: bytes) -> bytes:
+        query = dns.message.from_wire(wire)
+        if query.question[0].rdtype == dns.rdatatype.SRV:
+            return wire[:2] + b"\x85\x80\x00\x01\x00\x01 garbage where the SRV record should be"
+        response = dns.message.make_response(query)
+        if query.question[0].rdtype == dns.rdatatype.A:
+            response.answer.append(dns.rrset.from_text(query.question[0].name, 5, "IN", "A", "127.10.1.7"))
+        return response.to_wire()
+
+    config, protocol = await evil_server(reply)
+    resolver = resolvers(DnsConfig(nameservers=config.nameservers, template="{service}.mesh.local", srv=True,
+                                   port=15006, timeout_s=1.0))
+    answer = await resolver.resolve("artist")
+    assert answer.via == "a" and answer.endpoints == (("127.10.1.7", 15006),)
+    assert protocol.queries >= 2
 
 
 # ---- servers that misbehave -----------------------------------------------------------------

@@ -178,6 +178,25 @@ def test_sidemesh_dns_serves_the_records_put_through_its_api(procs: ProcessGroup
     assert "component=dns" in log and "Traceback" not in log
 
 
+def test_sidemesh_dns_serves_each_pods_inbound_port_as_srv(procs: ProcessGroup) -> None:
+    host = loopback_address()
+    procs.start("dns", "dns", "--listen", host, "--zone", "mesh.local", "--ttl", "3")
+    api = f"http://{host}:15054"
+    wait_for_http(f"{api}/healthz")
+    pods = [{"address": "127.10.1.1", "port": 15006, "instance": "artist-1"},
+            {"address": "127.10.1.2", "port": 15106, "instance": "artist-2"}]
+    assert _http("PUT", f"{api}/records", {"artist": pods}) == (200, {"artist": pods})
+
+    response = dns.query.udp(dns.message.make_query("_mesh-inbound._tcp.artist.mesh.local", "SRV"), host,
+                             port=15053, timeout=2)
+    assert sorted((r.port, r.target.to_text()) for r in response.answer[0]) == [
+        (15006, "artist-1.artist.mesh.local."), (15106, "artist-2.artist.mesh.local.")]
+    assert {(rrset.name.to_text(), rrset[0].address) for rrset in response.additional} == {
+        ("artist-1.artist.mesh.local.", "127.10.1.1"), ("artist-2.artist.mesh.local.", "127.10.1.2")}
+    status, body = _http("PUT", f"{api}/records", {"artist": [{"address": "127.10.1.1", "port": 99999}]})
+    assert status == 400 and "1..65535" in body["error"]
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -2,7 +2,7 @@
 
 The fixture runs dnsmasq in the foreground on a free loopback port with no
 upstream servers, the mesh.test zone answered locally (NXDOMAIN for unknown
-names), fixed host records, and a hosts file it re-reads on SIGHUP so tests
+names), fixed host records, one SRV record, and a hosts file it re-reads on SIGHUP so tests
 can change records. TTLs are fixed by --local-ttl. If dnsmasq is not
 installed the tests FAIL (the project's test setup installs it), they do not skip.
 """
@@ -103,6 +103,10 @@ def dnsmasq(request: pytest.FixtureRequest) -> Iterator[Dnsmasq]:
             "--host-record=artist.mesh.test,127.0.0.22,::21",
             "--host-record=song.mesh.test,127.0.0.23",
             "--txt-record=txtonly.mesh.test,no-addresses-here",
+            # lyrics' one pod listens on an inbound port of its own, and says so in SRV (RFC 2782)
+            "--srv-host=_mesh-inbound._tcp.lyrics.mesh.test,lyrics-1.mesh.test,15106,0,1",
+            "--host-record=lyrics.mesh.test,127.0.0.41",
+            "--host-record=lyrics-1.mesh.test,127.0.0.41",
         ]
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -135,9 +139,21 @@ async def test_several_host_records_become_several_endpoints_with_dnsmasqs_ttl(r
     answer = await resolver.resolve("artist")
 
     assert answer.addresses == ("127.0.0.21", "127.0.0.22", "::21")
-    assert answer.endpoints() == (("127.0.0.21", 15006), ("127.0.0.22", 15006), ("::21", 15006))
+    assert answer.endpoints == (("127.0.0.21", 15006), ("127.0.0.22", 15006), ("::21", 15006))
     assert answer.ttl_s == LOCAL_TTL
     assert (await resolver.resolve("song")).addresses == ("127.0.0.23",)
+
+
+async def test_an_srv_record_of_another_dns_server_gives_the_peer_its_own_port(dnsmasq: Dnsmasq) -> None:
+    resolver = ServiceResolver(dnsmasq.config(srv=True, port=15006))
+    try:
+        answer = await resolver.resolve("lyrics")
+        assert answer.via == "srv" and answer.endpoints == (("127.0.0.41", 15106),)
+        # no SRV name for artist in that zone: its A/AAAA records serve, on our own inbound port
+        artist = await resolver.resolve("artist")
+        assert artist.via == "a" and artist.endpoints == (("127.0.0.21", 15006), ("127.0.0.22", 15006), ("::21", 15006))
+    finally:
+        await resolver.close()
 
 
 async def test_unknown_names_are_nxdomain_and_names_without_addresses_are_no_answer(resolver: ServiceResolver) -> None:

@@ -120,10 +120,18 @@ def test_a_song_details_call_is_counted_inbound_by_each_of_the_three_sidecars(me
         assert state["route_version"] == acked[name] == cp["version"]
 
 
-def test_dns_server_follows_the_running_pods(mesh: Mesh) -> None:
+def _addresses(records: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
+    return {service: [pod["address"] for pod in pods] for service, pods in records.items()}
+
+
+def test_dns_server_follows_the_running_pods_and_their_sidecars_inbound_ports(mesh: Mesh) -> None:
     mesh_info = _get_json(f"http://{mesh.control}/mesh")
     records = _get_json(f"http://{mesh_info['dns']['api']}/records")
-    assert records == {"artist": [f"{mesh.subnet}.11"], "song": [f"{mesh.subnet}.21"], "image": [f"{mesh.subnet}.31"]}
+    assert records == {service: [{"address": f"{mesh.subnet}.{n}1", "port": 15006, "instance": f"{service}-1"}]
+                       for n, service in ((1, "artist"), (2, "song"), (3, "image"))}
+    # and every sidecar asks for them when it falls back to DNS
+    state = _get_json(f"http://{mesh.subnet}.21:15000/state")
+    assert state["dns"]["srv"] == "_mesh-inbound._tcp.{service}.mesh.local"
 
 
 def test_dns_server_gets_the_records_again_after_kill_and_start(mesh: Mesh) -> None:
@@ -133,7 +141,7 @@ def test_dns_server_gets_the_records_again_after_kill_and_start(mesh: Mesh) -> N
     assert out.returncode == 0 and "started dns" in out.stdout, out.stderr
     want = {"artist": [f"{mesh.subnet}.11"], "song": [f"{mesh.subnet}.21"], "image": [f"{mesh.subnet}.31"]}
     took = mesh.wait_until("records back in the restarted DNS server",
-                           lambda: _get_json(f"http://{mesh.subnet}.3:15054/records") == want, timeout=2)
+                           lambda: _addresses(_get_json(f"http://{mesh.subnet}.3:15054/records")) == want, timeout=2)
     print(f"\nstart dns: records back {took:.3f} s after the command returned")
 
 
@@ -206,7 +214,7 @@ def test_scale_artist_2_reaches_every_sidecar_within_1s_and_gets_half_the_calls(
     print(f"artist calls over 200 details: {dict(served)}")
     assert set(served) == {"artist-1", "artist-2"}
     assert 60 <= served["artist-2"] <= 140
-    records = _get_json(f"http://{mesh.subnet}.3:15054/records")
+    records = _addresses(_get_json(f"http://{mesh.subnet}.3:15054/records"))
     assert records["artist"] == [f"{mesh.subnet}.11", f"{mesh.subnet}.12"]
 
 
@@ -261,7 +269,8 @@ def test_kill_artist_2_under_50_clients_fails_no_request(mesh: Mesh) -> None:
     pods = {p["name"]: p for p in mesh.pods()}
     assert pods["artist-2"]["state"] == "killed" and pods["artist-2"]["pids"] == []
     mesh.wait_until("DNS without artist-2",
-                    lambda: _get_json(f"http://{mesh.subnet}.3:15054/records")["artist"] == [f"{mesh.subnet}.11"],
+                    lambda: _addresses(_get_json(f"http://{mesh.subnet}.3:15054/records"))["artist"]
+                    == [f"{mesh.subnet}.11"],
                     timeout=2)
 
 

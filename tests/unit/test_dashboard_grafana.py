@@ -29,7 +29,7 @@ def _exported() -> dict[str, set[str]]:
     m.count("outbound", "artist", 200, source="dns", seconds=0.002)
     m.count("outbound", "artist", 503, source="cache", seconds=0.001)
     m.count("inbound", "-", 200, source="inbound", seconds=0.004)
-    book = RouteBook(resolver=ServiceResolver(DnsConfig()), dns_port=15006)
+    book = RouteBook(resolver=ServiceResolver(DnsConfig()))
     book.counters.transitions[("controlplane", "dns", "stream_lost")] = 1
     body, _ = MetricsExporter(m, book, UpstreamPool(), service="song", instance="song-1").render()
     out: dict[str, set[str]] = {}

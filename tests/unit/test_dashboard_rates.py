@@ -16,7 +16,7 @@ INF = math.inf
 
 
 def _exposition(m: SidecarMetrics) -> str:
-    book = RouteBook(resolver=ServiceResolver(DnsConfig()), dns_port=15006)
+    book = RouteBook(resolver=ServiceResolver(DnsConfig()))
     body, _ = MetricsExporter(m, book, UpstreamPool(), service="song", instance="song-1").render()
     return body.decode()
 

@@ -117,7 +117,8 @@ async def test_answer_is_served_from_cache_until_its_ttl_expires(make_resolver, 
 
     first = await resolver.resolve("artist")
     assert first.addresses == ("10.0.0.1", "10.0.0.2")
-    assert first.port == 15006 and first.name == "artist.mesh.local" and first.service == "artist"
+    assert first.endpoints == (("10.0.0.1", 15006), ("10.0.0.2", 15006)) and first.via == "a"
+    assert first.name == "artist.mesh.local" and first.service == "artist"
     assert first.expires_at == T0 + 5
     await clock.advance(4.9)
     assert await resolver.resolve("artist") is first

@@ -95,7 +95,7 @@ def test_sidecar_registers_the_pod_and_fronts_the_first_containers_first_port() 
         "sidecar", "--service", "lyrics", "--instance", "$(POD_NAME)", "--address", "$(POD_IP)",
         "--listen", "0.0.0.0", "--outbound-listen", "127.0.0.1", "--app", "127.0.0.1:9090",
         "--controlplane", "controlplane.sidemesh.svc.cluster.local:15010",
-        "--dns-template", "{service}.$(POD_NAMESPACE).svc.cluster.local",
+        "--dns-template", "{service}.$(POD_NAMESPACE).svc.cluster.local", "--dns-srv",
         "--identity-dir", "/var/lib/sidemesh/identity", "--join-token-file", "/var/run/sidemesh/join/token",
         "--trust-bundle", "/var/run/sidemesh/ca/ca.pem",
     ]

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from controlplane.config import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_IDENTITY_PORT
+from dnsfallback.config import INBOUND_SRV_LABELS
 from sidecar.config import DEFAULT_ADMIN_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT
 from sidemesh.kube import InjectSettings, inject
 from tests.support import REPO
@@ -160,6 +161,10 @@ def test_headless_services_select_their_pods_and_answer_with_the_inbound_port() 
         dns = flag(sidecar_of(meshed[name])["args"], "--dns-template")
         assert dns.format(service=name).replace("$(POD_NAMESPACE)", NAMESPACE) == \
             f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+        # and first as SRV, which cluster DNS serves for the port named as the SRV name's first label,
+        # with each pod's own port number for it: peers need not share our inbound port
+        assert "--dns-srv" in sidecar_of(meshed[name])["args"]
+        assert INBOUND_SRV_LABELS == f"_{port['name']}._{port['protocol'].lower()}"
 
 
 def test_song_front_door_reaches_the_song_sidecars_extra_inbound_listener() -> None:

@@ -29,7 +29,7 @@ class _NoDns:
 
 
 def _api() -> tuple[AdminApi, RouteBook, SidecarMetrics]:
-    book = RouteBook(resolver=_NoDns(), dns_port=15006, health=EndpointHealth())
+    book = RouteBook(resolver=_NoDns(), health=EndpointHealth())
     metrics = SidecarMetrics()
     exporter = MetricsExporter(metrics, book, UpstreamPool(), service="song", instance="song-1")
     return AdminApi(book, exporter, lambda: {"service": "song", "instance": "song-1"}), book, metrics

@@ -12,7 +12,7 @@ from sidecar.upstream import UpstreamPool
 
 
 def _exporter(m: SidecarMetrics) -> MetricsExporter:
-    book = RouteBook(resolver=ServiceResolver(DnsConfig()), dns_port=15006)
+    book = RouteBook(resolver=ServiceResolver(DnsConfig()))
     return MetricsExporter(m, book, UpstreamPool(), service="song", instance="song-1")
 
 

@@ -261,7 +261,7 @@ async def test_an_allowed_caller_or_one_no_policy_speaks_of_is_forwarded_to_the_
 async def test_without_a_usable_certificate_an_outbound_call_is_answered_503_before_anything_is_routed() -> None:
     identity = WorkloadIdentity("song", TD)
     identity.note_problem("Identity.Issue failed: UNAVAILABLE")
-    book = RouteBook(resolver=FakeResolver(), dns_port=15006)
+    book = RouteBook(resolver=FakeResolver())
     book.on_config_update(RouteTable("v1", "n1", MappingProxyType({"artist": ServiceEntry("artist", (APP,))})))
     pool = UpstreamPool()
     ctx = ProxyContext(OUTBOUND, pool=pool, metrics=SidecarMetrics(), book=book, identity=identity)
@@ -296,7 +296,7 @@ def test_the_metrics_show_handshakes_peer_failures_and_denials(tmp_path: Path) -
     m.handshake(INBOUND, "failed")
     m.peer_failure(OUTBOUND, "artist", "mismatch")
     m.denied("image", "song")
-    exporter = MetricsExporter(m, RouteBook(resolver=FakeResolver(), dns_port=15006), UpstreamPool(),
+    exporter = MetricsExporter(m, RouteBook(resolver=FakeResolver()), UpstreamPool(),
                                service="image", instance="image-1")
     families = {f.name: f for f in text_string_to_metric_families(exporter.render()[0].decode())}
     got: dict[str, list[tuple[dict[str, str], float]]] = {

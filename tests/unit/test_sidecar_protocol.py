@@ -104,7 +104,7 @@ class Rig:
         self.health = EndpointHealth()
         self.others: list[DownstreamConnection] = []
         if direction == OUTBOUND:
-            self.book: RouteBook | None = RouteBook(resolver=FakeResolver(), dns_port=15006, health=self.health)
+            self.book: RouteBook | None = RouteBook(resolver=FakeResolver(), health=self.health)
             from types import MappingProxyType
 
             entry = ServiceEntry("artist", endpoints, policy)

@@ -60,7 +60,7 @@ async def _eventually(what: str, check: Callable[[], bool], timeout: float = 3.0
 
 
 def _book(resolver: ServiceResolver, **kw: float) -> RouteBook:
-    return RouteBook(resolver=resolver, dns_port=15006, **kw)
+    return RouteBook(resolver=resolver, **kw)
 
 
 async def test_a_partial_first_snapshot_after_dns_mode_keeps_every_name_the_sidecar_routed_through_dns(dns: Dns) -> None:

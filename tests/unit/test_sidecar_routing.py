@@ -26,7 +26,7 @@ def _table(version: str, **services: tuple[Endpoint, ...]) -> RouteTable:
 
 
 def _lookup(*addresses: str, fresh: bool = True) -> CachedLookup:
-    answer = DnsAnswer("artist", "artist.mesh.local", addresses, 15006, 2.0, 0.0, 2.0)
+    answer = DnsAnswer("artist", "artist.mesh.local", tuple((a, 15006) for a in addresses), 2.0, 0.0, 2.0)
     return CachedLookup(answer=answer, error=None, fresh=fresh)
 
 
@@ -36,7 +36,7 @@ def _nx() -> CachedLookup:
 
 def _routes(mode: Mode, table: RouteTable | None, guards: dict[str, Guard] | None = None, peeks: dict[str, CachedLookup] | None = None, dns_names: tuple[str, ...] = ()) -> dict[str, tuple[Source, tuple[Endpoint, ...]]]:
     peeks = peeks or {}
-    routes = build_routes(mode, table, guards or {}, dns_names, peeks.get, 15006, EndpointHealth())
+    routes = build_routes(mode, table, guards or {}, dns_names, peeks.get, EndpointHealth())
     return {name: (r.source, r.endpoints) for name, r in routes.items()}
 
 

@@ -6,8 +6,10 @@ from typing import Any
 
 from pathlib import Path
 
+import dns.message
 import pytest
 
+from sidemesh.dnsserver import MeshDnsServer
 from sidemesh.layout import (
     HostPort,
     LayoutError,
@@ -18,6 +20,7 @@ from sidemesh.layout import (
     parse_hostport,
     parse_replicas,
     plan_scale,
+    record_addresses,
     resolve_target,
 )
 
@@ -70,6 +73,7 @@ def test_pod_sidecar_points_at_the_mesh_control_plane_and_dns_and_its_own_app() 
     assert _arg(sidecar.args, "--controlplane") == ["127.10.0.2:15010"]
     assert _arg(sidecar.args, "--dns-server") == ["127.10.0.3:15053"]
     assert _arg(sidecar.args, "--dns-template") == ["{service}.mesh.local"]
+    assert "--dns-srv" in sidecar.args  # peers' inbound ports come from the DNS server's SRV records
     assert _arg(sidecar.args, "--app") == ["127.10.1.2:8080"]
     assert _arg(sidecar.args, "--listen") == ["127.10.1.2"]
     assert _arg(sidecar.args, "--outbound-listen") == ["127.10.1.2"]
@@ -146,12 +150,27 @@ def test_scale_to_the_current_count_does_nothing() -> None:
     assert (plan.start, plan.remove) == ((), ())
 
 
-def test_dns_records_list_only_running_pods_per_service() -> None:
+def test_dns_records_list_only_running_pods_per_service_with_their_sidecars_inbound_port() -> None:
     lay = _layout()
     units = [(lay.dns(), "running"), (lay.controlplane(), "killed"),
              (lay.pod("artist", 1), "running"), (lay.pod("artist", 2), "killed"),
              (lay.pod("artist", 10), "running"), (lay.pod("song", 1), "running"), (lay.pod("image", 1), "stopped")]
-    assert dns_records(units) == {"artist": ["127.10.1.1", "127.10.1.10"], "song": ["127.10.2.1"]}
+    assert dns_records(units) == {
+        "artist": [{"address": "127.10.1.1", "port": 15006, "instance": "artist-1"},
+                   {"address": "127.10.1.10", "port": 15006, "instance": "artist-10"}],
+        "song": [{"address": "127.10.2.1", "port": 15006, "instance": "song-1"}],
+    }
+
+
+def test_the_records_of_up_are_accepted_by_its_dns_server_which_serves_them_as_srv() -> None:
+    lay = _layout()
+    records = dns_records([(lay.pod("artist", 1), "running"), (lay.pod("artist", 2), "running")])
+    server = MeshDnsServer(lay.zone, 2)
+    assert server.set_records(records) == records
+    response = dns.message.from_wire(server.handle_wire(
+        dns.message.make_query("_mesh-inbound._tcp.artist." + lay.zone, "SRV").to_wire(), tcp=False) or b"")
+    assert sorted((r.port, r.target.to_text()) for r in response.answer[0]) == [
+        (15006, "artist-1.artist.mesh.local."), (15006, "artist-2.artist.mesh.local.")]
 
 
 def test_names_resolve_to_one_unit_a_whole_service_or_a_clear_error() -> None:
@@ -174,11 +193,11 @@ async def test_a_pod_enters_dns_only_once_it_is_ready(tmp_path: Path) -> None:
     sup = Supervisor(layout, tmp_path)
     one, two = Unit(layout.pod("artist", 1), state="running", ready=True), Unit(layout.pod("artist", 2), state="running")
     sup.units = {"artist-1": one, "artist-2": two}
-    assert sup.records() == {"artist": [one.spec.address]}
+    assert record_addresses(sup.records()) == {one.spec.address}
     two.ready = True
-    assert sup.records() == {"artist": [one.spec.address, two.spec.address]}
+    assert record_addresses(sup.records()) == {one.spec.address, two.spec.address}
     two.state = "killed"
-    assert sup.records() == {"artist": [one.spec.address]}
+    assert record_addresses(sup.records()) == {one.spec.address}
 
 
 def test_a_secure_mesh_gives_the_control_plane_its_ca_tokens_and_the_demo_policy() -> None:
