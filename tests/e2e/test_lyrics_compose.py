@@ -97,7 +97,7 @@ def test_lyrics_is_served_through_the_mesh_under_compose_and_asks_song_through_i
 def test_the_failover_drill_holds_for_lyrics_under_compose(lyrics: Lyrics, tmp_path: Path) -> None:
     out = tmp_path / "lyrics.json"
     cmd = [sys.executable, "-m", "sidemesh", "demo", "failover", "--compose", "--compose-file", str(COMPOSE_FILE),
-           "--project", PROJECT, "--url", f"http://127.0.0.1:{lyrics.port}/lyrics/{{id}}", "--rate", "50",
+           "--project", PROJECT, "--url", f"http://127.0.0.1:{lyrics.port}/lyrics/1", "--rate", "50",
            "--duration", "14", "--kill-at", "4", "--start-at", "8", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=lyrics.env, cwd=REPO, timeout=180)
     print(proc.stdout[-2500:])

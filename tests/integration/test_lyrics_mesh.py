@@ -105,3 +105,19 @@ def test_lyrics_keeps_answering_through_a_control_plane_outage(mesh: Mesh) -> No
     mesh.ok("start", "controlplane")
     mesh.wait_until("every sidecar back on the control plane", mesh.all_synced, timeout=20)
     assert _get(mesh.url("/lyrics/1"))[1]["via"] == {"song": "controlplane"}
+
+
+def test_the_failover_drill_under_load_holds_for_lyrics_with_no_failed_request(mesh: Mesh, tmp_path: Any) -> None:
+    """`sidemesh demo failover` against lyrics' front door: 50 req/s, the control plane killed at 4 s
+    and started at 8 s; exit 0 means not one request failed."""
+    mesh.wait_until("every sidecar on the control plane", mesh.all_synced, timeout=20)
+    out = tmp_path / "drill.json"
+    # one song: lyrics has words for songs 1, 2, 3 and 6 only, and the drill's {id} cycles 1-20
+    done = mesh.cli("demo", "failover", "--url", mesh.url("/lyrics/1"), "--rate", "50", "--duration", "14",
+                    "--kill-at", "4", "--start-at", "8", "--json", str(out), "--quiet", timeout=90)
+    print(done.stdout[-2500:])
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-2000:]}"
+    result = json.loads(out.read_text())
+    assert result["failures"] == 0
+    assert all(result["phases"][p]["requests"] >= 150 for p in ("before", "outage", "after")), result["phases"]
+    assert {"lyrics-1", "song-1", "artist-1", "image-1"} <= {sc["instance"] for sc in result["sidecars"]}
