@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidemesh.sidecar")
 
+# how long a leaving sidecar waits for the first request of a connection that has not sent one
+# (a caller whose handshake finished as we stopped accepting sends it within milliseconds)
+FIRST_REQUEST_WAIT_S = 1.0
+
 
 class Sidecar:
     def __init__(self, config: SidecarConfig, *, resolver: ServiceResolver | None = None) -> None:
@@ -172,15 +176,20 @@ class Sidecar:
             await asyncio.sleep(drain_delay_s)
         for server in self._servers:
             server.close()
-        deadline = asyncio.get_running_loop().time() + drain_s
+        now = asyncio.get_running_loop().time()
+        deadline = now + drain_s
+        first_request_by = now + min(drain_s, FIRST_REQUEST_WAIT_S)
         for ctx in (self.outbound, self.inbound):
-            for conn in list(ctx.connections):
-                if conn.active is None:
-                    conn.close()
-        while any(conn.active is not None for ctx in (self.outbound, self.inbound) for conn in ctx.connections):
-            if asyncio.get_running_loop().time() > deadline:
+            ctx.drain()  # idle connections close; from now on every answer says Connection: close
+
+        def busy(conn: DownstreamConnection, now: float) -> bool:
+            return conn.active is not None or (conn.unproven and now < first_request_by)
+
+        while any(busy(conn, now) for ctx in (self.outbound, self.inbound) for conn in ctx.connections):
+            if now > deadline:
                 break
             await asyncio.sleep(0.05)
+            now = asyncio.get_running_loop().time()
         for ctx in (self.outbound, self.inbound):
             for conn in list(ctx.connections):
                 conn.abort()

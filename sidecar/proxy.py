@@ -510,8 +510,17 @@ class DownstreamConnection(asyncio.Protocol):
         log.debug("event=connection_evicted direction=%s in_head=%s", self.ctx.direction, self._in_head)
         self.close()
 
+    @property
+    def unproven(self) -> bool:
+        """Open, and no request has come on it yet: a TLS handshake still running, or a client that
+        just connected and is about to send its first request. A leaving sidecar waits for that
+        request rather than close under it (the caller could not tell whether an app saw it)."""
+        return not self._proven and not self.closing
+
     def drain(self) -> None:
-        if self.active is None and not self._in_head and self.receiving is None:
+        """Idle between requests: close now (a client reusing it retries elsewhere). A connection that
+        never carried a request stays until its first one is answered with ``Connection: close``."""
+        if self.active is None and not self._in_head and self.receiving is None and self._proven:
             self.close()
 
     # ----- refusals and deadlines -----

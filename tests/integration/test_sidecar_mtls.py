@@ -531,3 +531,35 @@ async def test_smuggling_through_an_mtls_sidecar_process_gets_400_and_every_vict
     assert sp.alive
     log = sp.proc.log()
     assert "reason=untrusted_framing" in log and "event=peer_identity" not in log
+
+
+# ----- leaving -----
+
+
+async def test_a_leaving_sidecar_serves_the_first_request_of_a_connection_it_accepted_before_it_stopped(
+    ca: MeshCa, stack: AsyncExitStack
+) -> None:
+    """A caller that finished its TLS handshake as the callee began to leave sends its request a
+    moment later (TLS 1.3: the caller is done before the callee has read its Finished). Closing
+    that connection would fail the call with nothing to tell whether the app saw it; the leaving
+    sidecar serves it, with ``Connection: close``, and only closes connections that carried a request."""
+    cp = await control_plane(stack, ca)
+    artist = await pod(stack, "artist", ca.mint("artist"), cp=cp)
+    reader, writer = await asyncio.open_connection(*artist.inbound, ssl=MeshCa.client_tls(ca.mint("song")))
+    idle_reader, idle_writer = await asyncio.open_connection(*artist.inbound, ssl=MeshCa.client_tls(ca.mint("song")))
+    idle_writer.write(b"GET /first HTTP/1.1\r\nHost: artist\r\n\r\n")
+    first = await asyncio.wait_for(idle_reader.readuntil(b"\r\n\r\n"), 5)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    length = next(int(line.split(b":")[1]) for line in first.lower().split(b"\r\n") if line.startswith(b"content-length:"))
+    await asyncio.wait_for(idle_reader.readexactly(length), 5)
+    stopping = asyncio.create_task(artist.sc.sidecar.stop(drain_delay_s=0, drain_s=5))
+    await asyncio.sleep(0.2)
+    writer.write(b"GET /late HTTP/1.1\r\nHost: artist\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head.lower(), head
+    assert artist.app.seen == ["GET /first", "GET /late"]
+    # the connection that had carried a request and sat idle was closed at once: its client retries it
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+    await asyncio.wait_for(stopping, 10)
+    writer.close()
+    idle_writer.close()
