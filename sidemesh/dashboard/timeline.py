@@ -14,8 +14,10 @@ Events, each with the wall-clock time it happened:
 A round notices the control plane's going with up to a round's delay, while sidecars notice
 within milliseconds (their stream breaks). So a ``controlplane-down`` is placed at the round
 that noticed it or, if earlier, just before the first mode change since the last round that
-saw it up: it went down no later than the first sidecar noticed. Pure: the server feeds it
-each round's answers.
+saw it up: it went down no later than the first sidecar noticed. ``/pods`` and ``/status``
+are asked in parallel, so a round may see the control plane gone while ``sidemesh up`` still
+says it runs: the cause is then taken from the next round (the time stays the first round's).
+Pure: the server feeds it each round's answers.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Timeline:
         self._cp_started: float | None = None
         self._cp_seen_up: float | None = None  # the last round that saw it up
         self._down_cause: str | None = None
+        self._down_noticed: float | None = None  # a round saw it gone while `sidemesh up` said running
 
     def observe(self, now: float, cp_status: Mapping[str, Any] | None, states: Mapping[str, Mapping[str, Any]],
                 pods: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
@@ -71,12 +74,23 @@ class Timeline:
         up = cp_status is not None
         started = (cp_status or {}).get("started_at")
         unit = next((str(p.get("state")) for p in pods or [] if p.get("kind") == "controlplane"), None)
-        events = []
+        events: list[dict[str, Any]] = []
+        if up:
+            self._down_noticed = None  # (a round that saw it gone, undecided: it is back)
         if self._cp_up is not None:
             if self._cp_up and not up:
-                self._down_cause = unit if unit in ("killed", "stopped", "exited") else "unreachable"
-                noticed = [e["at"] for e in modes if self._cp_seen_up is not None and e["at"] > self._cp_seen_up]
-                at = min([now, *(t - 0.001 for t in noticed)])
+                cause = unit if unit in ("killed", "stopped", "exited") else None
+                if cause is None and unit == "running" and self._down_noticed is None:
+                    # `sidemesh up` still says running: its answer may predate a kill in this very
+                    # round (asked in parallel); the cause is decided next round, the time kept
+                    self._down_noticed = now
+                    return events
+                first = now if self._down_noticed is None else self._down_noticed
+                self._down_noticed = None
+                self._down_cause = cause or "unreachable"
+                changes = [*(e for e in self.events if e["kind"] == MODE), *modes]
+                noticed = [e["at"] for e in changes if self._cp_seen_up is not None and e["at"] > self._cp_seen_up]
+                at = min([first, *(t - 0.001 for t in noticed)])
                 events.append(_event(at, DOWN, f"control plane {self._down_cause}"))
             elif up and not self._cp_up:
                 what = "reachable again" if self._down_cause == "unreachable" else "started"

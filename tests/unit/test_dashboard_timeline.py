@@ -68,3 +68,24 @@ def test_points_and_events_older_than_the_history_are_dropped() -> None:
     assert [p["t"] for p in h["points"]][0] == 19.0
     assert h["points"][-1] == {"t": 29.0, "s": {"song": [200.0, 0.0]}, "cp": 1, "m": {"controlplane": 3}}
     assert [e["at"] for e in h["events"]] == [25.0]
+
+
+def test_a_kill_that_sidemesh_up_reports_a_round_late_is_still_marked_killed_at_the_first_round() -> None:
+    tl = Timeline(300)
+    assert tl.observe(100.0, CP, {}, _pods("running")) == []
+    # /pods answered before the kill, /status after: gone, but `sidemesh up` still says running
+    assert tl.observe(101.0, None, {"song-1": _state(("controlplane", "dns", 100.9))}, _pods("running")) == [
+        {"at": 100.9, "kind": MODE, "text": "song-1: controlplane \u2192 dns", "instance": "song-1",
+         "from": "controlplane", "to": "dns", "reason": "r"}]
+    down = tl.observe(102.0, None, {"song-1": _state(("controlplane", "dns", 100.9))}, _pods("killed"))
+    assert [(e["kind"], e["text"], e["at"]) for e in down] == [(DOWN, "control plane killed", 100.899)]
+
+
+def test_a_control_plane_that_stops_answering_while_running_is_unreachable_from_the_second_round() -> None:
+    tl = Timeline(300)
+    tl.observe(100.0, CP, {}, _pods("running"))
+    assert tl.observe(101.0, None, {}, _pods("running")) == []
+    assert [(e["kind"], e["text"], e["at"]) for e in tl.observe(102.0, None, {}, _pods("running"))] == [
+        (DOWN, "control plane unreachable", 101.0)]
+    assert [(e["kind"], e["text"]) for e in tl.observe(103.0, CP, {}, _pods("running"))] == [
+        (UP, "control plane reachable again")]
