@@ -164,7 +164,10 @@ class Sidecar:
            ``Connection: close``, so callers' pools let go of our connections; callers that
            still resolve us through DNS (its TTL) are served meanwhile.
         3. Stop accepting (callers now get a refused connect, which they retry elsewhere),
-           let in-flight exchanges finish within ``drain_s``, then close what is left.
+           close idle connections that carried requests (a caller reusing one retries it),
+           let in-flight exchanges finish within ``drain_s`` and connections that have not sent
+           their first request yet send it within ``FIRST_REQUEST_WAIT_S`` (a caller whose TLS
+           handshake finished as we stopped), then close what is left.
         """
         await self._stop_discovery()
         if self._certs_task is not None:
