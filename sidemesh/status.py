@@ -50,6 +50,19 @@ HOME, CLEAR_LINE_END, CLEAR_SCREEN_END = "\x1b[H", "\x1b[K", "\x1b[J"
 HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
 
 
+def add_mesh_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Where a reader of the mesh (`status`, `dashboard`) finds it: ``--control``, ``--admin``,
+    ``--controlplane-http``, with their environment variables."""
+    p.add_argument("--control", default=os.environ.get(ENV_CONTROL, DEFAULT_CONTROL), metavar="ADDR:PORT",
+                   help=f"control API of a running `sidemesh up`, asked first; env {ENV_CONTROL}; default %(default)s")
+    p.add_argument("--admin", default=os.environ.get(ENV_ADMIN, DEFAULT_ADMIN), metavar="HOST:PORT",
+                   help=f"a sidecar's admin address to start from when no `sidemesh up` answers (compose: this "
+                   f"container's sidecar, or another pod's, e.g. song:15000); env {ENV_ADMIN}; default %(default)s")
+    p.add_argument("--controlplane-http", metavar="HOST:PORT",
+                   help="the control plane's HTTP address (compose: controlplane:15014); default: from `sidemesh "
+                   "up`, else from the sidecar's /state (its gRPC target's host, port 15014)")
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="sidemesh status",
@@ -57,14 +70,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "age of the last update. Asks the sidecars directly, so it works while the control plane is down.",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--control", default=os.environ.get(ENV_CONTROL, DEFAULT_CONTROL), metavar="ADDR:PORT",
-                   help=f"control API of a running `sidemesh up`, asked first; env {ENV_CONTROL}; default %(default)s")
-    p.add_argument("--admin", default=os.environ.get(ENV_ADMIN, DEFAULT_ADMIN), metavar="HOST:PORT",
-                   help=f"a sidecar's admin address to start from when no `sidemesh up` answers (compose); "
-                   f"env {ENV_ADMIN}; default %(default)s")
-    p.add_argument("--controlplane-http", metavar="HOST:PORT",
-                   help="the control plane's HTTP address; default: from `sidemesh up`, else from the sidecar's "
-                   "/state (its gRPC target's host, port 15014)")
+    add_mesh_source_arguments(p)
     p.add_argument("--timeout", type=float, default=QUERY_TIMEOUT_S,
                    help="seconds to wait for each answer; default %(default)s")
     p.add_argument("--watch", "-w", action="store_true",

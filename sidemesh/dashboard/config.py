@@ -7,9 +7,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sidemesh.ctl import DEFAULT_CONTROL, ENV_CONTROL
 from sidemesh.layout import DASHBOARD_PORT, LayoutError, parse_hostport
-from sidemesh.status import DEFAULT_ADMIN, ENV_ADMIN
+from sidemesh.status import add_mesh_source_arguments
 
 ENV_LISTEN = "SIDEMESH_DASHBOARD_LISTEN"
 DEFAULT_PORT = DASHBOARD_PORT
@@ -48,14 +47,7 @@ def parse_args(argv: Sequence[str]) -> DashboardConfig:
     p.add_argument("--listen", default=os.environ.get(ENV_LISTEN, DEFAULT_LISTEN), metavar="HOST:PORT",
                    help=f"where to serve the page; env {ENV_LISTEN}; default %(default)s "
                    "(compose: 0.0.0.0:15080, published on the host's 127.0.0.1:15080)")
-    p.add_argument("--control", default=os.environ.get(ENV_CONTROL, DEFAULT_CONTROL), metavar="ADDR:PORT",
-                   help=f"control API of a running `sidemesh up`, asked first; env {ENV_CONTROL}; default %(default)s")
-    p.add_argument("--admin", default=os.environ.get(ENV_ADMIN, DEFAULT_ADMIN), metavar="HOST:PORT",
-                   help=f"a sidecar's admin address to start from when no `sidemesh up` answers (compose: "
-                   f"song:15000); env {ENV_ADMIN}; default %(default)s")
-    p.add_argument("--controlplane-http", metavar="HOST:PORT",
-                   help="the control plane's HTTP address (compose: controlplane:15014); default: from `sidemesh "
-                   "up`, else from the sidecar's /state (its gRPC target's host, port 15014)")
+    add_mesh_source_arguments(p)
     p.add_argument("--interval", type=float, default=INTERVAL_S, metavar="SECONDS",
                    help="seconds between two rounds of questions (and page updates); default %(default)s")
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, metavar="SECONDS",

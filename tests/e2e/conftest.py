@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -289,3 +290,21 @@ def healthy_mesh(mesh: Mesh) -> Mesh:
         print(f"----- the mesh did not come back healthy -----\n{mesh.logs()}")
         raise
     return mesh
+
+
+def compose_failover_drill(compose_file: Path, project: str, url: str, env: dict[str, str], out: Path,
+                           *, timeout: float) -> dict[str, Any]:
+    """`sidemesh demo failover --compose` against a compose project: 50 req/s, the control-plane
+    container killed at 4 s and started at 8 s. Checks what every such drill must show (exit 0, no
+    failed request, load in every phase, every sidecar to dns after the kill); returns its JSON result."""
+    cmd = [sys.executable, "-m", "sidemesh", "demo", "failover", "--compose", "--compose-file", str(compose_file),
+           "--project", project, "--url", url, "--rate", "50",
+           "--duration", "14", "--kill-at", "4", "--start-at", "8", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    print(proc.stdout[-2500:])
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
+    result: dict[str, Any] = json.loads(out.read_text())
+    assert result["failures"] == 0
+    assert all(result["phases"][p]["requests"] >= 150 for p in ("before", "outage", "after")), result["phases"]
+    assert all(sc["to_dns_after_kill_s"] is not None for sc in result["sidecars"]), result["sidecars"]
+    return result
